@@ -1,0 +1,54 @@
+"""The `blip3o-fast` command.
+
+Each area registers its own subcommands through an `add_commands(subparsers)` function in a light
+module (argparse only; heavy imports happen inside the command). A user mistake (`UserError`)
+prints one line and exits 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+# modules with add_commands(subparsers), in the order their commands are listed
+COMMAND_MODULES = [
+    "blip3o_fast.info",
+    "blip3o_fast.data.commands",
+    "blip3o_fast.train_commands",
+    "blip3o_fast.eval_commands",
+    "blip3o_fast.bench_commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip3o-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # an area not built yet in this checkout
+                continue
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as e:
+        print(f"blip3o-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"blip3o-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

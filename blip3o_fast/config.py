@@ -1,0 +1,380 @@
+"""Typed run configuration: dataclasses, YAML loading with includes, dotted overrides, validation.
+
+A run config is one YAML file whose sections match `RunConfig`'s fields. It may list other YAML
+files under `include:` (paths relative to it, merged first, later ones win), which is how the
+`configs/model/*.yaml` sizes and `configs/task/*.yaml` tasks are composed. Command-line overrides
+are `section.key=value` with YAML-parsed values. Unknown keys are rejected with the nearest valid
+name; each section validates itself in `__post_init__` and raises `ConfigError` (one line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A bad configuration value; the message is one line naming the key and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(value: Any, allowed: tuple, key: str) -> None:
+    _require(value in allowed, f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+@dataclass
+class TaskConfig:
+    """What is generated from what: the two token streams and their layout."""
+
+    name: str = "eva_to_clip"
+    """eva_to_clip (condition on EVA-CLIP, generate CLIP) or clip_to_eva (the reverse)"""
+    cond_dim: int = 4096
+    """feature dim of the condition tokens"""
+    target_dim: int = 1024
+    """feature dim of the generated (target) tokens"""
+    grid: tuple[int, int] = (16, 16)
+    """patch grid (gh, gw) of both streams; tokens are row-major"""
+    target_cls: bool = False
+    """target sequence carries the CLS token first (257 tokens for a 16x16 grid)"""
+    cond_cls: bool = False
+    """condition sequence carries the CLS token first"""
+
+    def __post_init__(self):
+        self.grid = tuple(self.grid)
+        _one_of(self.name, ("eva_to_clip", "clip_to_eva"), "task.name")
+        _require(self.cond_dim > 0 and self.target_dim > 0, "task.cond_dim and task.target_dim must be positive")
+        _require(len(self.grid) == 2 and min(self.grid) > 0, f"task.grid must be two positive ints, got {self.grid}")
+
+    @property
+    def target_tokens(self) -> int:
+        return self.grid[0] * self.grid[1] + int(self.target_cls)
+
+    @property
+    def cond_tokens(self) -> int:
+        return self.grid[0] * self.grid[1] + int(self.cond_cls)
+
+
+@dataclass
+class ModelConfig:
+    """The DiT (DESIGN §4)."""
+
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    mlp: str = "swiglu"
+    """swiglu or gelu"""
+    norm: str = "layer"
+    """normalization of the AdaLN seams: layer or rms"""
+    norm_eps: float = 1e-6
+    qk_norm: bool = True
+    rope: bool = True
+    """3-axis RoPE on self-attention q/k (no learned position table when on)"""
+    rope_cross: bool = True
+    """RoPE on cross-attention q (target, p_t=0) and k (condition, p_t=1)"""
+    rope_sections: tuple[int, int, int] | None = None
+    """(d_t, d_h, d_w) split of the head dim; default D/4 for t, the rest split between h and w"""
+    rope_theta: float = 10000.0
+    attention: str = "auto"
+    """auto (flash-attn if installed and supported, else SDPA), sdpa, flash_attn or math"""
+    fused_ops: bool = True
+    """run the compiled fused ops; false runs their pure-PyTorch references"""
+    cond_drop: float = 0.1
+    """probability of replacing the condition by the learned null condition (classifier-free guidance)"""
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.rope_sections is not None:
+            self.rope_sections = tuple(self.rope_sections)
+        _require(self.hidden_size > 0 and self.depth > 0 and self.num_heads > 0,
+                 "model.hidden_size, model.depth and model.num_heads must be positive")
+        _require(self.hidden_size % self.num_heads == 0,
+                 f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}")
+        _one_of(self.mlp, ("swiglu", "gelu"), "model.mlp")
+        _one_of(self.norm, ("layer", "rms"), "model.norm")
+        _one_of(self.attention, ("auto", "sdpa", "flash_attn", "math"), "model.attention")
+        _require(0.0 <= self.cond_drop < 1.0, f"model.cond_drop must be in [0, 1), got {self.cond_drop}")
+        if self.rope or self.rope_cross:
+            head_dim = self.hidden_size // self.num_heads
+            _require(head_dim % 2 == 0, f"RoPE needs an even head dim, got {head_dim} (hidden_size / num_heads)")
+            if self.rope_sections is not None:
+                _require(len(self.rope_sections) == 3 and all(d >= 0 and d % 2 == 0 for d in self.rope_sections)
+                         and sum(self.rope_sections) == head_dim,
+                         f"model.rope_sections {self.rope_sections} must be three even numbers summing to the "
+                         f"head dim {head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class FlowConfig:
+    """Rectified flow (DESIGN §3.3, §5): t = 0 is noise, t = 1 is data."""
+
+    timestep_sampling: str = "logit_normal"
+    """uniform, logit_normal or beta"""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    beta_a: float = 1.0
+    beta_b: float = 1.0
+    contrastive_weight: float = 0.0
+    """weight of the auxiliary InfoNCE term on global embeddings of x̂1 (off by default)"""
+    contrastive_temperature: float = 0.07
+    head: str = "cls"
+    """global embedding for retrieval: cls (CLS token through the head) or mean (patch mean through it)"""
+    sampler: str = "euler"
+    """euler or heun"""
+    sample_steps: int = 50
+    timestep_shift: float = 1.0
+    """t' = s·t / (1 + (s - 1)·t) applied to the sampling grid; 1 is none"""
+    guidance_scale: float = 1.0
+    """classifier-free guidance scale at sampling; 1 is none"""
+
+    def __post_init__(self):
+        _one_of(self.timestep_sampling, ("uniform", "logit_normal", "beta"), "flow.timestep_sampling")
+        _one_of(self.head, ("cls", "mean"), "flow.head")
+        _one_of(self.sampler, ("euler", "heun"), "flow.sampler")
+        _require(self.sample_steps >= 1, f"flow.sample_steps must be >= 1, got {self.sample_steps}")
+        _require(self.logit_std > 0 and self.beta_a > 0 and self.beta_b > 0,
+                 "flow.logit_std, flow.beta_a and flow.beta_b must be positive")
+        _require(self.timestep_shift > 0, f"flow.timestep_shift must be positive, got {self.timestep_shift}")
+        _require(self.contrastive_weight >= 0 and self.contrastive_temperature > 0,
+                 "flow.contrastive_weight must be >= 0 and flow.contrastive_temperature > 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are read (DESIGN §6)."""
+
+    path: str = "demo/data"
+    """dataset folder holding manifest.json"""
+    train_split: str = "train"
+    eval_split: str = "eval"
+    batch_size: int = 32
+    """per-rank micro-batch size"""
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+
+    def __post_init__(self):
+        _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+
+
+@dataclass
+class TrainConfig:
+    """The training engine (DESIGN §7)."""
+
+    out_dir: str = "runs/default"
+    steps: int = 10000
+    lr: float = 2e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    """max global grad norm; 0 disables clipping"""
+    grad_accum: int = 1
+    zero_stage: int = 0
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"""
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    eval_every: int = 0
+    """steps between held-out evaluations during training; 0 disables them"""
+    eval_samples: int = 256
+    max_nonfinite: int = 10
+    """consecutive non-finite steps after which the run stops (with a checkpoint)"""
+    wandb: bool = False
+    wandb_project: str = "blip3o-fast"
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr must be > 0 and 0 <= train.min_lr <= train.lr")
+        _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _require(self.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _one_of(self.precision, ("auto", "bf16", "fp32"), "train.precision")
+        _require(0.0 <= self.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _require(self.grad_clip >= 0, "train.grad_clip must be >= 0")
+        _require(self.log_every >= 1 and self.ckpt_every >= 1 and self.keep_last >= 1,
+                 "train.log_every, train.ckpt_every and train.keep_last must be >= 1")
+        _require(self.max_nonfinite >= 1, "train.max_nonfinite must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Sampling-based evaluation (DESIGN §8)."""
+
+    steps: int = 50
+    """ODE steps of the sampler"""
+    sampler: str = "euler"
+    guidance_scale: float = 1.0
+    batch_size: int = 64
+    max_samples: int = 0
+    """evaluate at most this many held-out samples; 0 is all"""
+    use_ema: bool = True
+
+    def __post_init__(self):
+        _one_of(self.sampler, ("euler", "heun"), "eval.sampler")
+        _require(self.steps >= 1 and self.batch_size >= 1, "eval.steps and eval.batch_size must be >= 1")
+        _require(self.max_samples >= 0, "eval.max_samples must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the dict dumps to plain YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _nearest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(valid)})"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config include cycle through {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    merged: dict = {}
+    for inc in raw.pop("include", None) or []:
+        merged = _merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
+    return _merge(merged, raw)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """YAML value -> the field's type, where that is unambiguous (ints for floats, lists for tuples)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key) if len(inner) == 1 else value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is float and not isinstance(value, float):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if annotation is str and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        elem = args[0] if args else Any
+        return tuple(_coerce(v, elem, key) for v in value)
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {dotted!r}{_nearest(key, list(fields))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} must be a mapping of its keys, got {value!r}")
+            kwargs[key] = _build(hint, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    out = _merge({}, values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def from_dict(values: dict) -> RunConfig:
+    return _build(RunConfig, values, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The RunConfig of a YAML file (or the defaults) with `section.key=value` overrides applied."""
+    values = _read_yaml(Path(path)) if path is not None else {}
+    return from_dict(apply_overrides(values, list(overrides or [])))

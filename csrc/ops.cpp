@@ -1,0 +1,42 @@
+// The one TORCH_LIBRARY block: every schema of the extension, declared once. Kernels register per
+// device in <op>.cpp (CPU) and <op>.cu (CUDA); fake kernels and autograd are registered in Python
+// (blip3o_fast/ops/), as torch.library recommends for ops that must work under torch.compile.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing blip3o_fast._C loads this library and runs the registrations below; the module itself
+// has no Python functions.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(blip3o_fast, m) {
+  // 3-axis rotary embedding of q and k, [B, S, H, D], interleaved pairs, one launch for both
+  m.def("rope3d(Tensor q, Tensor k, Tensor cos_q, Tensor sin_q, Tensor cos_k, Tensor sin_k) -> (Tensor, Tensor)");
+  m.def("rope3d_bwd(Tensor grad_q, Tensor grad_k, Tensor cos_q, Tensor sin_q, Tensor cos_k, Tensor sin_k)"
+        " -> (Tensor, Tensor)");
+
+  // y = N(x) * (1 + scale) + shift, N = LayerNorm or RMSNorm over C without affine weights
+  m.def("adaln_modulate(Tensor x, Tensor shift, Tensor scale, float eps, str norm)"
+        " -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("adaln_modulate_bwd(Tensor grad_y, Tensor x, Tensor scale, Tensor mean, Tensor rstd, str norm)"
+        " -> (Tensor grad_x, Tensor grad_shift, Tensor grad_scale)");
+
+  // x_new = x + gate * y; h = N(x_new) * (1 + scale) + shift: closes one residual branch, opens the next
+  m.def("gated_residual_adaln(Tensor x, Tensor y, Tensor gate, Tensor shift, Tensor scale, float eps, str norm)"
+        " -> (Tensor x_new, Tensor h, Tensor mean, Tensor rstd)");
+  m.def("gated_residual_adaln_bwd(Tensor grad_x_new, Tensor grad_h, Tensor x_new, Tensor y, Tensor gate,"
+        " Tensor scale, Tensor mean, Tensor rstd, str norm)"
+        " -> (Tensor grad_x, Tensor grad_y, Tensor grad_gate, Tensor grad_shift, Tensor grad_scale)");
+
+  // rectified flow: x_t = (1 - t) x0 + t x1; loss = sum_b w_b mean_{s,c} (v - (x1 - x0))^2 / B
+  m.def("flow_interpolate(Tensor x1, Tensor x0, Tensor t) -> Tensor");
+  m.def("flow_interpolate_bwd(Tensor grad_x_t, Tensor t) -> (Tensor grad_x1, Tensor grad_x0)");
+  m.def("flow_matching_loss(Tensor v, Tensor x1, Tensor x0, Tensor t, Tensor? weight)"
+        " -> (Tensor loss, Tensor per_sample_mse, Tensor per_sample_cos)");
+  // grad_per_sample[b] = dL/dper_sample_mse[b] (w_b·dloss/B from the loss): dv = 2·g_b·(v - u)/(S·C)
+  m.def("flow_matching_loss_bwd(Tensor grad_per_sample, Tensor v, Tensor x1, Tensor x0) -> Tensor grad_v");
+}

@@ -1,0 +1,118 @@
+"""Builds the one extension, blip3o_fast._C, from csrc/.
+
+A CUDAExtension when a CUDA toolkit and a CUDA build of torch are both present (decided from
+CUDA_HOME/nvcc and torch.version.cuda, never from torch.cuda.is_available(), so the kernels compile
+on a machine without a GPU); a CppExtension otherwise.
+
+Knobs (environment):
+  BLIP3O_FAST_CPU_ONLY=1   build the CPU kernels only, even where CUDA is available
+  TORCH_CUDA_ARCH_LIST     CUDA archs, default "8.0;9.0"
+  MAX_JOBS                 parallel compile jobs (read by torch's ninja builder)
+  DEBUG=1                  -O0 -g, device line info
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_home():
+    home = cpp_extension.CUDA_HOME
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    return None
+
+
+def _want_cuda() -> bool:
+    if _truthy("BLIP3O_FAST_CPU_ONLY"):
+        return False
+    return torch.version.cuda is not None and _cuda_home() is not None
+
+
+def _compiler_version(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    lines = [line for line in out.splitlines() if line.strip()]
+    return lines[-1] if cmd[0].endswith("nvcc") else (lines[0] if lines else None)
+
+
+def _extension():
+    debug = _truthy("DEBUG")
+    with_cuda = _want_cuda()
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # at::parallel_for is an inline OpenMP loop: without -fopenmp every CPU kernel runs on one thread.
+    # libgomp.so.1 is the runtime torch itself is linked against, so no second runtime is loaded.
+    cxx += ["-fopenmp", "-std=c++17"]
+    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        nvcc = ["-O0", "-G"] if debug else ["-O3", "-lineinfo"]
+        nvcc += ["--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr"]
+        # cuBLAS/cuSPARSE headers of pip-installed CUDA torch builds live in nvidia/cu*/include
+        for inc in glob.glob(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)),
+                                          "nvidia", "cu*", "include")):
+            nvcc += [f"-I{inc}"]
+            kwargs["extra_compile_args"]["cxx"] = kwargs["extra_compile_args"]["cxx"] + [f"-I{inc}"]
+        kwargs["extra_compile_args"]["nvcc"] = nvcc
+        kwargs["define_macros"] = [("BLIP3O_FAST_WITH_CUDA", "1")]
+        return cpp_extension.CUDAExtension("blip3o_fast._C", sources, **kwargs), with_cuda
+    return cpp_extension.CppExtension("blip3o_fast._C", sources, **kwargs), with_cuda
+
+
+EXTENSION, WITH_CUDA = _extension()
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's builder, plus a `_C.build.json` beside the built library recording what it was built
+    against, so a stale build is caught at import with a one-line message instead of a symbol error."""
+
+    def run(self):
+        super().run()
+        info = {
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "cuda": WITH_CUDA,
+            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if WITH_CUDA else None,
+            "nvcc": _compiler_version([os.path.join(_cuda_home(), "bin", "nvcc"), "--version"])
+            if WITH_CUDA else None,
+            "cxx": _compiler_version([os.environ.get("CXX", "c++"), "--version"]),
+            "debug": _truthy("DEBUG"),
+            "python": sys.version.split()[0],
+        }
+        for ext in self.extensions:
+            out = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C.build.json")
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with open(out, "w") as f:
+                json.dump(info, f, indent=1)
+            if self.inplace:
+                continue
+            # editable installs (PEP 660) build into a temp dir and copy the library into the tree;
+            # keep the record beside the copy too
+            local = os.path.join(ROOT, "blip3o_fast", "_C.build.json")
+            if os.path.exists(os.path.join(ROOT, "blip3o_fast")) and self.editable_mode:
+                shutil.copyfile(out, local)
+
+
+setup(
+    ext_modules=[EXTENSION],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+)
