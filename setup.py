@@ -60,13 +60,13 @@ def _extension():
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # at::parallel_for is an inline OpenMP loop: without -fopenmp every CPU kernel runs on one thread.
     # libgomp.so.1 is the runtime torch itself is linked against, so no second runtime is loaded.
-    cxx += ["-fopenmp", "-std=c++17"]
+    cxx += ["-fopenmp"]  # the C++ standard is torch's choice (C++17 up to 2.x, C++20 later)
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         nvcc = ["-O0", "-G"] if debug else ["-O3", "-lineinfo"]
-        nvcc += ["--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr"]
+        nvcc += ["--use_fast_math", "--expt-relaxed-constexpr"]
         # cuBLAS/cuSPARSE headers of pip-installed CUDA torch builds live in nvidia/cu*/include
         for inc in glob.glob(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)),
                                           "nvidia", "cu*", "include")):

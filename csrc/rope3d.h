@@ -14,8 +14,8 @@ struct RopeView {
   scalar_t* out;
   const table_t* cos;
   const table_t* sin;
-  long long S, H, half;
-  long long stride_b, stride_s, stride_h;
+  int64_t S, H, half;
+  int64_t stride_b, stride_s, stride_h;
 };
 
 inline void check_table(const at::Tensor& x, const char* xn, const at::Tensor& t, const char* n) {
