@@ -56,6 +56,7 @@ def _compiler_version(cmd):
 def _extension():
     debug = _truthy("DEBUG")
     with_cuda = _want_cuda()
+    # CUDA sources are named <op>_cuda.cu: <op>.cpp and <op>.cu would both compile to <op>.o
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # at::parallel_for is an inline OpenMP loop: without -fopenmp every CPU kernel runs on one thread.
