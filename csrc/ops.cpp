@@ -1,17 +1,7 @@
 // The one TORCH_LIBRARY block: every schema of the extension, declared once. Kernels register per
 // device in <op>.cpp (CPU) and <op>.cu (CUDA); fake kernels and autograd are registered in Python
 // (blip3o_fast/ops/), as torch.library recommends for ops that must work under torch.compile.
-#include <Python.h>
 #include <torch/library.h>
-
-// Importing blip3o_fast._C loads this library and runs the registrations below; the module itself
-// has no Python functions.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(blip3o_fast, m) {
   // 3-axis rotary embedding of q and k, [B, S, H, D], interleaved pairs, one launch for both
