@@ -1,0 +1,346 @@
+"""Training and evaluation streams over a split's shards (DESIGN §6).
+
+Training: rank r runs S = max(1, num_workers) streams; stream g = r*S + w of G = world_size*S owns the
+shards i with i % G == g (with fewer shards than streams, streams share a shard and keep every m-th
+sample of it). Each stream reads its shards epoch after epoch; epoch e's shard order and the sample
+order inside each block of shards (about `shuffle_buffer` samples) are permutations drawn from
+numpy's generator seeded with (seed, epoch, rank, worker). So every rank and worker sees disjoint
+data, and a stream is a pure function of its seed, which is what makes it resumable: the position of
+a stream is (epoch, block, offset), and a resumed stream seeks there directly, reading nothing that
+was consumed. Batches carry their stream and position; the loader records them as batches are
+consumed, so its state after N batches restarts every stream where batch N left it (and rotates the
+DataLoader's round-robin so batch N+1 comes from the stream that would have produced it).
+
+Evaluation: the split's samples, in manifest order, are cut into contiguous ranges, one per rank and
+then one per worker; each is read once, in order, and reported (with any skipped sample) at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .format import DataError, Dataset, ShardInfo
+from .samples import BatchBuilder, SkipStats
+from .tario import NpyError, index_shard
+
+log = logging.getLogger("blip3o_fast.data")
+STATE_VERSION = 1
+
+
+def stream_shards(n_shards: int, n_streams: int, g: int) -> list[tuple[int, int, int]]:
+    """(shard, stride, offset) triples stream g reads: shard positions p with p % stride == offset."""
+    if n_shards >= n_streams:
+        return [(i, 1, 0) for i in range(g, n_shards, n_streams)]
+    i = g % n_shards
+    return [(i, len(range(i, n_streams, n_shards)), g // n_shards)]
+
+
+def _check_args(dataset: Dataset, split: str, batch_size: int, rank: int, world_size: int,
+                num_workers: int) -> list[ShardInfo]:
+    if batch_size < 1 or num_workers < 0 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad loader arguments: batch_size={batch_size}, rank={rank}, world_size={world_size}, "
+                         f"num_workers={num_workers}")
+    shards = dataset.shards(split)
+    if not shards or sum(s.samples for s in shards) == 0:
+        raise DataError(f"split {split!r} of {dataset.path} has no samples: write some or choose another split")
+    if not any(s.path.is_file() for s in shards):
+        raise DataError(f"none of the {len(shards)} shard files of split {split!r} exist in {dataset.path}: "
+                        f"copy the shards beside manifest.json")
+    return shards
+
+
+def _pin(batch: dict) -> dict:
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class _Files:
+    """Open shard files of one block (raw, unbuffered: payload reads go straight into batch rows)."""
+
+    def __init__(self):
+        self.open: dict[str, object] = {}
+
+    def get(self, path):
+        key = str(path)
+        if key not in self.open:
+            self.open[key] = open(path, "rb", buffering=0)
+        return self.open[key]
+
+    def close(self):
+        for f in self.open.values():
+            f.close()
+        self.open.clear()
+
+
+def _read(builder: BatchBuilder, files: _Files, shard: ShardInfo, sample, stats: SkipStats) -> None:
+    try:
+        builder.add(files.get(shard.path), sample)
+        stats.samples += 1
+    except NpyError as e:
+        stats.skip_sample(e.reason, f"{shard.file}:{sample.key}")
+    except OSError as e:
+        stats.skip_sample("read error", f"{shard.file}:{sample.key} ({e.strerror or e})")
+
+
+class TrainShards(IterableDataset):
+    """The infinite training streams of one rank; DataLoader worker w runs logical stream (w + rotation) % S."""
+
+    def __init__(self, dataset: Dataset, split: str, batch_size: int, seed: int, rank: int, world_size: int,
+                 streams: int, shuffle_buffer: int):
+        self.dataset, self.split, self.batch_size = dataset, split, batch_size
+        self.seed, self.rank, self.world_size, self.streams = seed, rank, world_size, streams
+        self.shuffle_buffer = shuffle_buffer
+        self.shards = dataset.shards(split)
+        self.start: dict[int, list[int]] = {}
+        self.start_stats: dict[int, dict] = {}
+        self.rotation = 0
+
+    def __iter__(self):
+        info = get_worker_info()
+        logical = ((info.id if info else 0) + self.rotation) % self.streams
+        return self.stream(logical, shared=info is not None)
+
+    def _own(self, logical: int) -> tuple[list[tuple[int, int, int]], int]:
+        g = self.rank * self.streams + logical
+        own = stream_shards(len(self.shards), self.world_size * self.streams, g)
+        per_shard = np.mean([self.shards[i].samples / stride for i, stride, _ in own])
+        block = 1 if self.shuffle_buffer == 0 else max(1, round(self.shuffle_buffer / max(per_shard, 1.0)))
+        return own, block
+
+    def stream(self, logical: int, shared: bool = False):
+        """Batches of one logical stream, from its start position, forever."""
+        own, block_shards = self._own(logical)
+        stats = SkipStats(self.start_stats.get(logical))
+        epoch, start_block, start_offset = self.start.get(logical, (0, 0, 0))
+        replay = logical in self.start  # the first block was loaded (and its shard errors counted) before
+        builder = BatchBuilder(self.dataset, self.batch_size, shared)
+        files = _Files()
+        while True:
+            full_epoch = start_block == 0 and start_offset == 0
+            read_in_epoch = 0
+            order = np.random.default_rng([self.seed, epoch, self.rank, logical]).permutation(len(own))
+            blocks = [order[i:i + block_shards] for i in range(0, len(order), block_shards)]
+            for k in range(start_block, len(blocks)):
+                items = []
+                for shard_i, stride, offset in (own[j] for j in blocks[k]):
+                    shard = self.shards[shard_i]
+                    index = index_shard(shard.path)
+                    found = len(index.samples)
+                    if found < shard.samples and not replay:
+                        mine = len(range(offset, shard.samples, stride)) - len(range(offset, found, stride))
+                        stats.skip_shard(index.error or "shard shorter than its manifest", shard.file)
+                        if mine:
+                            stats.skip_sample("lost with shard", shard.file, mine)
+                    items.extend((shard, s) for s in index.samples[offset:shard.samples:stride])
+                replay = False
+                perm = (np.random.default_rng([self.seed, epoch, self.rank, logical, k + 1]).permutation(len(items))
+                        if self.shuffle_buffer > 0 else np.arange(len(items)))
+                for o in range(start_offset if k == start_block else 0, len(items)):
+                    shard, sample = items[perm[o]]
+                    before = stats.samples
+                    _read(builder, files, shard, sample, stats)
+                    read_in_epoch += stats.samples - before
+                    if builder.full:
+                        batch = builder.emit()
+                        batch.update(_stream=logical, _pos=[epoch, k, o + 1], _stats=stats.to_dict())
+                        yield batch
+                files.close()
+            if full_epoch and read_in_epoch == 0:
+                raise DataError(f"a whole epoch of split {self.split!r} (rank {self.rank}, worker {logical}) had no "
+                                f"valid sample ({stats.summary()}): check the shards with `blip3o-fast data inspect "
+                                f"{self.dataset.path}`")
+            epoch, start_block, start_offset = epoch + 1, 0, 0
+
+
+class TrainLoader:
+    """Infinite training batches of one rank, with a state that resumes the exact stream.
+
+    `state_dict()` after consuming N batches, then a fresh loader with `load_state_dict(state)` yields
+    exactly batches N+1, N+2, ... of the uninterrupted run (same dataset, world size and num_workers).
+    Call `load_state_dict` before iterating; each `iter()` continues from the last consumed batch."""
+
+    def __init__(self, dataset: Dataset, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, shuffle_buffer: int = 1000, pin_memory: bool = True):
+        _check_args(dataset, split, batch_size, rank, world_size, num_workers)
+        self.dataset, self.split, self.seed = dataset, split, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.streams = max(1, num_workers)
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._source = TrainShards(dataset, split, batch_size, seed, rank, world_size, self.streams, shuffle_buffer)
+        self.batches = 0
+        self.positions: dict[int, list[int]] = {}
+        self.worker_stats: dict[int, dict] = {}
+        self.carried: list[dict] = []
+        self._logged_skips = 0
+
+    def __iter__(self):
+        src = self._source
+        src.start, src.start_stats = dict(self.positions), dict(self.worker_stats)
+        src.rotation = self.batches % self.streams
+        if self.num_workers == 0:
+            it = iter(src)
+        else:
+            it = iter(DataLoader(src, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory))
+        for batch in it:
+            logical = batch.pop("_stream")
+            self.positions[logical] = batch.pop("_pos")
+            self.worker_stats[logical] = batch.pop("_stats")
+            self.batches += 1
+            self._log_skips()
+            yield _pin(batch) if self.pin_memory and self.num_workers == 0 else batch
+
+    def _log_skips(self) -> None:
+        skipped = sum(s["skipped_samples"] + s["skipped_shards"] for s in self.worker_stats.values())
+        if skipped > 2 * self._logged_skips:  # the first skip, then each doubling: visible, not flooding
+            self._logged_skips = skipped
+            stats = self.stats()
+            log.warning("data: skipping bad input in split %r: %s; latest: %s", self.split,
+                        SkipStats(stats).summary(), "; ".join(stats["examples"][-2:]))
+
+    def stats(self) -> dict:
+        """{samples, skipped_samples, skipped_shards, reasons, examples} over every stream of this rank."""
+        return SkipStats.total(list(self.worker_stats.values()) + self.carried)
+
+    def state_dict(self) -> dict:
+        """Plain (JSON-able) state of this rank's stream after the batches consumed so far."""
+        return {"version": STATE_VERSION, "split": self.split, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "streams": self.streams, "shards": len(self._source.shards),
+                "batches": self.batches,
+                "positions": {str(k): list(v) for k, v in sorted(self.positions.items())},
+                "stats": {str(k): v for k, v in sorted(self.worker_stats.items())}, "carried": list(self.carried)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues the stream a state_dict() recorded; a different layout restarts fresh streams."""
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data stream state has version {state.get('version')!r}, expected {STATE_VERSION}: "
+                            f"it was written by another blip3o-fast")
+        layout = ("split", "seed", "rank", "world_size", "streams", "shards")
+        here = {"split": self.split, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "streams": self.streams, "shards": len(self._source.shards)}
+        positions = {int(k): list(v) for k, v in state["positions"].items()}
+        stats = {int(k): v for k, v in state["stats"].items()}
+        self.batches = int(state["batches"])
+        self.carried = list(state.get("carried", []))
+        if all(state.get(k) == here[k] for k in layout):
+            self.positions, self.worker_stats = positions, stats
+            return
+        changed = ", ".join(f"{k} {state.get(k)} -> {here[k]}" for k in layout if state.get(k) != here[k])
+        # another layout cannot continue the same streams; start new ones past every epoch already read
+        next_epoch = 1 + max((p[0] for p in positions.values()), default=-1)
+        warnings.warn(f"data stream layout changed ({changed}): starting fresh streams at epoch {next_epoch}",
+                      stacklevel=2)
+        self.positions = {w: [next_epoch, 0, 0] for w in range(self.streams)}
+        self.worker_stats = {}
+        self.carried = self.carried + list(stats.values())
+
+
+class EvalShards(IterableDataset):
+    """One pass over this rank's contiguous range of the split, cut again into one range per worker."""
+
+    def __init__(self, dataset: Dataset, split: str, batch_size: int, rank: int, world_size: int, streams: int):
+        self.dataset, self.split, self.batch_size = dataset, split, batch_size
+        self.rank, self.world_size, self.streams = rank, world_size, streams
+        self.shards = dataset.shards(split)
+        self.total = sum(s.samples for s in self.shards)
+
+    def range(self, worker: int) -> tuple[int, int]:
+        """[lo, hi) of global sample positions (manifest order) read by this rank's worker."""
+        lo, hi = self.total * self.rank // self.world_size, self.total * (self.rank + 1) // self.world_size
+        n = hi - lo
+        return lo + n * worker // self.streams, lo + n * (worker + 1) // self.streams
+
+    def __iter__(self):
+        info = get_worker_info()
+        return self.stream(info.id if info else 0, shared=info is not None)
+
+    def stream(self, worker: int, shared: bool = False):
+        lo, hi = self.range(worker)
+        stats = SkipStats()
+        builder = BatchBuilder(self.dataset, self.batch_size, shared)
+        files = _Files()
+        start = 0
+        for shard in self.shards:
+            a, b = max(lo, start) - start, min(hi, start + shard.samples) - start
+            start += shard.samples
+            if a >= b:
+                continue
+            index = index_shard(shard.path)
+            found = min(len(index.samples), shard.samples)
+            if found < b:
+                if found >= a:  # the one range holding the first lost position reports the shard
+                    stats.skip_shard(index.error or "shard shorter than its manifest", shard.file)
+                stats.skip_sample("lost with shard", shard.file, b - max(a, found))
+            for sample in index.samples[a:min(b, found)]:
+                _read(builder, files, shard, sample, stats)
+                if builder.full:
+                    batch = builder.emit()
+                    batch.update(_stream=worker, _stats=stats.to_dict())
+                    yield batch
+            files.close()
+        if builder.count:
+            batch = builder.emit()
+            batch.update(_stream=worker, _stats=stats.to_dict())
+            yield batch
+        yield {"_stream": worker, "_stats": stats.to_dict(), "_final": True}
+
+
+class EvalLoader:
+    """Every sample of a split exactly once across ranks and workers, in a stable order; one pass per iter()."""
+
+    def __init__(self, dataset: Dataset, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, pin_memory: bool = True):
+        _check_args(dataset, split, batch_size, rank, world_size, num_workers)
+        self.dataset, self.split, self.num_workers = dataset, split, num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._source = EvalShards(dataset, split, batch_size, rank, world_size, max(1, num_workers))
+        self.worker_stats: dict[int, dict] = {}
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank is responsible for (the manifest's count; skipped ones are reported)."""
+        lo, _ = self._source.range(0)
+        _, hi = self._source.range(self._source.streams - 1)
+        return hi - lo
+
+    def __len__(self) -> int:
+        """Batches in one pass when nothing is skipped."""
+        b = self._source.batch_size
+        return sum(math.ceil((hi - lo) / b) for lo, hi in map(self._source.range, range(self._source.streams)))
+
+    def __iter__(self):
+        self.worker_stats = {}
+        if self.num_workers == 0:
+            it = iter(self._source)
+        else:
+            it = iter(DataLoader(self._source, batch_size=None, num_workers=self.num_workers,
+                                 pin_memory=self.pin_memory))
+        for batch in it:
+            self.worker_stats[batch.pop("_stream")] = batch.pop("_stats")
+            if batch.pop("_final", False):
+                continue
+            yield _pin(batch) if self.pin_memory and self.num_workers == 0 else batch
+        stats = self.stats()
+        if stats["skipped_samples"] or stats["skipped_shards"]:
+            log.warning("data: split %r: %s; e.g. %s", self.split, SkipStats(stats).summary(),
+                        "; ".join(stats["examples"][:3]))
+
+    def stats(self) -> dict:
+        """{samples, skipped_samples, skipped_shards, reasons, examples} of the last (or current) pass."""
+        return SkipStats.total(self.worker_stats.values())
+
+
+def train_loader(dataset: Dataset, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, shuffle_buffer: int = 1000, pin_memory: bool = True) -> TrainLoader:
+    """Infinite, resumable training batches: disjoint per rank and worker, seeded by (seed, epoch, rank, worker)."""
+    return TrainLoader(dataset, split, batch_size, seed, rank, world_size, num_workers, shuffle_buffer, pin_memory)
+
+
+def eval_loader(dataset: Dataset, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, pin_memory: bool = True) -> EvalLoader:
+    """One pass over a split: each sample exactly once across ranks and workers, in a stable order."""
+    return EvalLoader(dataset, split, batch_size, rank, world_size, num_workers, pin_memory)

@@ -1,0 +1,184 @@
+"""`extract` end to end with small randomly initialised `transformers` models and generated images:
+shapes, the CLIP head and text tower, skipped damaged images, resume, and failures at start."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from blip3o_fast.cli import main
+from blip3o_fast.data import eval_loader, load_head, open_dataset
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character table, which CLIP's byte-level BPE vocabulary is made of."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in cs]
+
+
+def make_tiny_clip(folder, image_size=32, patch_size=8, hidden=32, projection=16, seed=0) -> str:
+    """A random CLIPModel with image processor and a byte-level tokenizer (no merges), saved to folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=514, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=24, bos_token_id=512, eos_token_id=513,
+                         pad_token_id=513),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
+                           intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=projection)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")).save_pretrained(folder)
+    return str(folder)
+
+
+def make_tiny_vit(folder, image_size=32, patch_size=8, hidden=48) -> str:
+    """A random ViT (loaded through AutoModel, like EVA-CLIP) with CLS + patch tokens."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(1)
+    ViTModel(ViTConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2), add_pooling_layer=False).save_pretrained(folder)
+    return str(folder)
+
+
+def make_image_tars(folder, shards=2, per_shard=5, broken=("0001_0002",)) -> list[str]:
+    """WebDataset image shards: png/jpg + txt captions; keys in `broken` get undecodable image bytes."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = []
+    for s in range(shards):
+        name = os.path.join(folder, f"{s:05d}.tar")
+        with wds.TarWriter(name, encoder=False) as w:
+            for i in range(per_shard):
+                key = f"{s:04d}_{i:04d}"
+                img = Image.fromarray(rng.integers(0, 255, (40 + i, 36, 3), dtype=np.uint8))
+                buf = io.BytesIO()
+                ext = "png" if i % 2 else "jpg"
+                img.save(buf, format="PNG" if ext == "png" else "JPEG")
+                data = b"not an image" if key in broken else buf.getvalue()
+                w.write({"__key__": key, ext: data, "txt": f"a picture number {s} {i}".encode()})
+        names.append(name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"clip": make_tiny_clip(root / "clip"), "vit": make_tiny_vit(root / "vit"),
+            "vit16": make_tiny_vit(root / "vit16", patch_size=16), "images": make_image_tars(root / "images")}
+
+
+def _extract(models, out, *extra) -> int:
+    return main(["extract", "--images", os.path.join(os.path.dirname(models["images"][0]), "{00000..00001}.tar"),
+                 "--target-model", models["clip"], "--cond-model", models["vit"], "--out", str(out),
+                 "--batch-size", "3", "--workers", "0", "--quiet", "--shard-size", "3", *extra])
+
+
+def test_extract_end_to_end(models, tmp_path, capsys):
+    from transformers import AutoTokenizer, CLIPModel, CLIPVisionModel, ViTModel
+
+    assert _extract(models, tmp_path, "--target-cls") == 0
+    ds = open_dataset(tmp_path)
+    assert (ds.grid, ds.target_tokens, ds.target_dim, ds.target_cls) == ((4, 4), 17, 32, True)
+    assert (ds.cond_tokens, ds.cond_dim, ds.cond_cls, ds.text_dim) == (16, 48, False, 16)
+    assert ds.split_samples("train") == 9 and "1 skipped" in capsys.readouterr().out
+    assert ds.manifest["streams"]["cond"]["model"] == models["vit"]
+    clip = CLIPModel.from_pretrained(models["clip"]).eval()
+    head = load_head(tmp_path)
+    assert torch.equal(head["visual_projection.weight"], clip.visual_projection.weight.detach())
+    assert torch.equal(head["post_layernorm.bias"], clip.vision_model.post_layernorm.bias.detach())
+
+    batch = next(iter(eval_loader(ds, "train", 16)))
+    assert "0001_0002" not in batch["key"] and len(batch["key"]) == 9
+    # recompute one sample with the models: the shards hold their tokens, CLS kept for the target only
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    j = batch["key"].index("0000_0003")
+    tar = dict((s["__key__"], s) for s in wds.tarfile_samples([{"url": models["images"][0]}]))["0000_0003"]
+    image = Image.open(io.BytesIO(tar["png"])).convert("RGB")
+    pixels = AutoImageProcessor.from_pretrained(models["clip"])(images=image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        want_target = CLIPVisionModel.from_pretrained(models["clip"])(pixel_values=pixels).last_hidden_state[0]
+        want_cond = ViTModel.from_pretrained(models["vit"])(pixel_values=pixels).last_hidden_state[0, 1:]
+        tok = AutoTokenizer.from_pretrained(models["clip"])(["a picture number 0 3"], return_tensors="pt")
+        want_text = clip.get_text_features(**tok)
+        want_text = want_text if isinstance(want_text, torch.Tensor) else want_text.pooler_output
+    torch.testing.assert_close(batch["target"][j].float(), want_target, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(batch["cond"][j].float(), want_cond, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(batch["text"][j, :1].float(), want_text, atol=2e-3, rtol=2e-3)
+    assert batch["captions"][j] == ["a picture number 0 3"] and batch["text_mask"][j].tolist() == [True]
+
+    # a rerun skips the finished input shards and leaves the shards as they were
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
+    assert _extract(models, tmp_path, "--target-cls") == 0
+    assert "2 of 2 input shards already finished" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")} == before
+
+
+def test_mismatched_encoders_fail_at_start(models, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(["extract", "--images", os.path.dirname(models["images"][0]), "--target-model", models["clip"],
+                 "--cond-model", models["vit16"], "--out", str(out), "--workers", "0", "--quiet"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("blip3o-fast extract: error: --target-model gives a 4x4 patch grid but --cond-model 2x2")
+    assert not out.exists() or not list(out.iterdir())
+    assert main(["extract", "--images", os.path.dirname(models["images"][0]), "--target-model", models["clip"],
+                 "--cond-model", models["vit"], "--out", str(out), "--cond-cls", "--workers", "0", "--quiet"]) == 0
+    # the same folder with encoders of other dims: refused before any work
+    other = make_tiny_clip(tmp_path / "clip64", hidden=64)
+    assert main(["extract", "--images", os.path.dirname(models["images"][0]), "--target-model", other,
+                 "--cond-model", models["vit"], "--out", str(out), "--workers", "0", "--quiet"]) == 2
+    assert "holds a dataset with cond 17x48, target 16x32 but these encoders give" in capsys.readouterr().err
+    assert main(["extract", "--images", str(tmp_path / "none" / "{0..1}.tar"), "--target-model", models["clip"],
+                 "--cond-model", models["vit"], "--out", str(out)]) == 2
+    assert "image shards do not exist" in capsys.readouterr().err
+    assert main(["extract", "--images", os.path.dirname(models["images"][0]), "--target-model", str(tmp_path / "x"),
+                 "--cond-model", models["vit"], "--out", str(out)]) == 2
+    assert "cannot load model config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_extract_on_two_ranks(models, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "blip3o_fast.cli", "extract", "--images", os.path.dirname(models["images"][0]),
+           "--target-model", models["clip"], "--cond-model", models["vit"], "--out", str(tmp_path),
+           "--workers", "1", "--quiet", "--split", "eval"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ds = open_dataset(tmp_path)
+    files = [s.file for s in ds.shards("eval")]
+    assert files == ["eval-000000-000000.tar", "eval-000001-000000.tar"] and ds.split_samples("eval") == 9
+    keys = [k for b in eval_loader(ds, "eval", 4) for k in b["key"]]
+    assert sorted(keys) == sorted(f"{s:04d}_{i:04d}" for s in range(2) for i in range(5) if (s, i) != (1, 2))

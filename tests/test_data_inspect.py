@@ -1,0 +1,30 @@
+"""`data inspect`: the summary, checksum verification and token-norm statistics."""
+
+from __future__ import annotations
+
+import json
+
+from blip3o_fast.cli import main
+from test_data_format import write_dataset
+
+
+def test_inspect_reports_and_verifies(tmp_path, capsys):
+    write_dataset(tmp_path, {"train": 20, "eval": 5}, shard_size=10)
+    assert main(["data", "inspect", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 20 samples in 2 shards" in out and "every shard matches the manifest" in out
+    assert "target cls" in out and "cond patch" in out
+
+    shard = tmp_path / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF  # one flipped bit inside a payload: still a readable tar
+    shard.write_bytes(bytes(data))
+    assert main(["data", "inspect", str(tmp_path), "--quiet", "--json", "--samples", "7"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["problems"] == [{"split": "train", "file": "train-000001.tar", "status": "sha256 mismatch"}]
+    norms = report["splits"]["eval"]["norms"]
+    assert norms["samples"] == 5 and set(norms) >= {"cond patch", "target patch", "target cls", "text"}
+    assert report["splits"]["train"]["norms"]["samples"] == 7
+    assert 2.0 < norms["cond patch"]["mean"] < 5.0  # 12 unit normals: about sqrt(12)
+
+    assert main(["data", "inspect", str(tmp_path / "nothing")]) == 2
