@@ -69,25 +69,33 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
-    """The DiT (DESIGN §4)."""
+    """The DiT (DESIGN §4); configs/model/{tiny,small,base,large}.yaml are the named sizes."""
 
     hidden_size: int = 768
+    """width H of the transformer"""
     depth: int = 12
+    """number of DiT blocks"""
     num_heads: int = 12
+    """attention heads; must divide hidden_size"""
     mlp_ratio: float = 4.0
+    """MLP width / H (SwiGLU uses 2/3 of it per branch, rounded up to a multiple of 64, as LLaMA)"""
     mlp: str = "swiglu"
     """swiglu or gelu"""
     norm: str = "layer"
     """normalization of the AdaLN seams: layer or rms"""
     norm_eps: float = 1e-6
+    """epsilon of every normalization in the model"""
     qk_norm: bool = True
+    """RMSNorm of q and k per head before RoPE and attention"""
     rope: bool = True
     """3-axis RoPE on self-attention q/k (no learned position table when on)"""
     rope_cross: bool = True
-    """RoPE on cross-attention q (target, p_t=0) and k (condition, p_t=1)"""
+    """RoPE on cross-attention q (target, p_t=0) and k (condition, p_t=1); without it both streams get
+    learned position tables so a target patch can still find its condition patch"""
     rope_sections: tuple[int, int, int] | None = None
     """(d_t, d_h, d_w) split of the head dim; default D/4 for t, the rest split between h and w"""
     rope_theta: float = 10000.0
+    """RoPE base θ"""
     attention: str = "auto"
     """auto (flash-attn if installed and supported, else SDPA), sdpa, flash_attn or math"""
     fused_ops: bool = True
@@ -95,6 +103,7 @@ class ModelConfig:
     cond_drop: float = 0.1
     """probability of replacing the condition by the learned null condition (classifier-free guidance)"""
     activation_checkpointing: bool = False
+    """recompute each block in backward instead of storing its activations (training only)"""
 
     def __post_init__(self):
         if self.rope_sections is not None:
@@ -103,6 +112,9 @@ class ModelConfig:
                  "model.hidden_size, model.depth and model.num_heads must be positive")
         _require(self.hidden_size % self.num_heads == 0,
                  f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}")
+        _require(self.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
+        _require(self.norm_eps > 0, f"model.norm_eps must be positive, got {self.norm_eps}")
+        _require(self.rope_theta > 1, f"model.rope_theta must be > 1, got {self.rope_theta}")
         _one_of(self.mlp, ("swiglu", "gelu"), "model.mlp")
         _one_of(self.norm, ("layer", "rms"), "model.norm")
         _one_of(self.attention, ("auto", "sdpa", "flash_attn", "math"), "model.attention")
@@ -113,8 +125,8 @@ class ModelConfig:
             if self.rope_sections is not None:
                 _require(len(self.rope_sections) == 3 and all(d >= 0 and d % 2 == 0 for d in self.rope_sections)
                          and sum(self.rope_sections) == head_dim,
-                         f"model.rope_sections {self.rope_sections} must be three even numbers summing to the "
-                         f"head dim {head_dim}")
+                         f"model.rope_sections {list(self.rope_sections)} must be three even numbers summing to "
+                         f"the head dim {head_dim} (hidden_size / num_heads)")
 
     @property
     def head_dim(self) -> int:
@@ -126,7 +138,7 @@ class FlowConfig:
     """Rectified flow (DESIGN §3.3, §5): t = 0 is noise, t = 1 is data."""
 
     timestep_sampling: str = "logit_normal"
-    """uniform, logit_normal or beta"""
+    """training t: uniform, logit_normal (sigmoid of N(logit_mean, logit_std)) or beta(beta_a, beta_b)"""
     logit_mean: float = 0.0
     logit_std: float = 1.0
     beta_a: float = 1.0
@@ -140,9 +152,10 @@ class FlowConfig:
     """euler or heun"""
     sample_steps: int = 50
     timestep_shift: float = 1.0
-    """t' = s·t / (1 + (s - 1)·t) applied to the sampling grid; 1 is none"""
+    """s > 1 spends more sampling steps near the noise end: noise level σ = 1 - t maps to
+    s·σ / (1 + (s - 1)·σ), as SD3 does; 1 is none"""
     guidance_scale: float = 1.0
-    """classifier-free guidance scale at sampling; 1 is none"""
+    """classifier-free guidance scale at sampling: v_uncond + g·(v_cond - v_uncond); 1 is none"""
 
     def __post_init__(self):
         _one_of(self.timestep_sampling, ("uniform", "logit_normal", "beta"), "flow.timestep_sampling")
@@ -152,6 +165,7 @@ class FlowConfig:
         _require(self.logit_std > 0 and self.beta_a > 0 and self.beta_b > 0,
                  "flow.logit_std, flow.beta_a and flow.beta_b must be positive")
         _require(self.timestep_shift > 0, f"flow.timestep_shift must be positive, got {self.timestep_shift}")
+        _require(self.guidance_scale >= 0, f"flow.guidance_scale must be >= 0, got {self.guidance_scale}")
         _require(self.contrastive_weight >= 0 and self.contrastive_temperature > 0,
                  "flow.contrastive_weight must be >= 0 and flow.contrastive_temperature > 0")
 
@@ -163,11 +177,17 @@ class DataConfig:
     path: str = "demo/data"
     """dataset folder holding manifest.json"""
     train_split: str = "train"
+    """split that training streams read"""
     eval_split: str = "eval"
+    """held-out split that evaluation reads"""
     batch_size: int = 32
     """per-rank micro-batch size"""
     num_workers: int = 2
+    """DataLoader worker processes per rank (batches are formed in them); 0 reads in the main process"""
     shuffle_buffer: int = 1000
+    """about this many samples (whole shards) are read in one random order; 0 reads each shard in order"""
+    pin_memory: bool = True
+    """pin batches in page-locked memory for faster host-to-GPU copies (only when a GPU is used)"""
 
     def __post_init__(self):
         _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
@@ -180,30 +200,47 @@ class TrainConfig:
     """The training engine (DESIGN §7)."""
 
     out_dir: str = "runs/default"
+    """run folder: config.yaml, metrics.jsonl, tb/, checkpoints/, eval/, loss.png"""
     steps: int = 10000
+    """optimizer steps to train for"""
     lr: float = 2e-4
+    """peak learning rate (AdamW)"""
     min_lr: float = 1e-5
+    """learning rate at the end of the cosine decay"""
     warmup_steps: int = 500
+    """linear warmup steps from 0 to lr"""
     weight_decay: float = 0.01
+    """AdamW weight decay on matrices (not on biases and norms)"""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
     grad_clip: float = 1.0
     """max global grad norm; 0 disables clipping"""
     grad_accum: int = 1
+    """micro-batches per optimizer step (global batch = batch_size x grad_accum x ranks)"""
     zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (DDP-like), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)"""
     precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"""
     ema_decay: float = 0.999
+    """decay of the exponential moving average of the weights (warmed up as min(decay, (1+s)/(10+s)))"""
     seed: int = 0
+    """seeds the initial weights, the data order and every step's noise, timesteps and condition drops"""
     log_every: int = 10
+    """steps between metrics.jsonl / TensorBoard records"""
     ckpt_every: int = 1000
+    """steps between checkpoints (one is also written at the end and on SIGTERM/SIGINT)"""
     keep_last: int = 3
+    """complete checkpoints kept; older ones are pruned once a newer one is complete"""
     eval_every: int = 0
     """steps between held-out evaluations during training; 0 disables them"""
     eval_samples: int = 256
+    """held-out samples of each evaluation during training"""
     max_nonfinite: int = 10
     """consecutive non-finite steps after which the run stops (with a checkpoint)"""
     wandb: bool = False
+    """also log to Weights & Biases (imported only when true)"""
     wandb_project: str = "blip3o-fast"
+    """wandb project name"""
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -227,11 +264,13 @@ class EvalConfig:
     steps: int = 50
     """ODE steps of the sampler"""
     sampler: str = "euler"
+    """euler or heun"""
     guidance_scale: float = 1.0
+    """classifier-free guidance scale; 1 is none"""
     batch_size: int = 64
+    """samples per sampling batch (per rank)"""
     max_samples: int = 0
     """evaluate at most this many held-out samples; 0 is all"""
-    use_ema: bool = True
 
     def __post_init__(self):
         _one_of(self.sampler, ("euler", "heun"), "eval.sampler")
@@ -311,6 +350,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return _coerce(value, inner[0], key) if len(inner) == 1 else value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if annotation is int and not (isinstance(value, int) and not isinstance(value, bool)):
@@ -378,3 +422,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """The RunConfig of a YAML file (or the defaults) with `section.key=value` overrides applied."""
     values = _read_yaml(Path(path)) if path is not None else {}
     return from_dict(apply_overrides(values, list(overrides or [])))
+
+
+# -- reference ------------------------------------------------------------------------------------
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field) of a dataclass, read from source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def reference_markdown() -> str:
+    """Every config key with its default and meaning, as Markdown tables (the README's reference)."""
+    lines = []
+    defaults = RunConfig()
+    for section in dataclasses.fields(RunConfig):
+        cls = type(getattr(defaults, section.name))
+        lines += [f"**`{section.name}`**: {cls.__doc__.strip().splitlines()[0]}", "",
+                  "| key | default | meaning |", "|---|---|---|"]
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = _plain(getattr(getattr(defaults, section.name), f.name))
+            lines.append(f"| `{section.name}.{f.name}` | `{json_like(value)}` | {docs.get(f.name, '')} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def json_like(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").removesuffix(" ...")

@@ -1,0 +1,132 @@
+"""One training step (forward, backward, AdamW) of the tiny and small DiTs on the demo task: fused ops
+vs their eager references ("unfused") vs torch.compile of the unfused model ("compiled").
+
+    pytest bench/bench_step.py --benchmark-group-by=group -s
+
+Reports samples/s, tokens/s and peak memory in `extra_info` and prints each size's speed ratios
+against "unfused" at the end. Peak memory is parameters, gradients and AdamW state plus the peak of
+what one step allocates on top (CPU: the profiler's allocation events; CUDA: the allocator's peak).
+The compiled variant compiles the model's forward and backward; the loss around it (a few
+elementwise ops) stays eager, as the trainer runs it. fp32 throughout.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip3o_fast import flow
+from blip3o_fast.config import FlowConfig, load_config
+from blip3o_fast.model import DiT
+from conftest import sync
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# size -> (batch, rounds): the demo task's [64, 64] -> [65, 32] tokens
+SIZES = {"tiny": (32, 10), "small": (4, 5)}
+VARIANTS = ["fused", "unfused", "compiled"]
+RESULTS: dict[tuple[str, str], dict] = {}
+
+
+def make_step(size: str, variant: str, device: str):
+    """A closure running one optimizer step, its DiT and optimizer."""
+    model_cfg = load_config(CONFIGS / "model" / f"{size}.yaml", [f"model.fused_ops={variant == 'fused'}"]).model
+    task = load_config(CONFIGS / "task" / "demo.yaml").task
+    torch.manual_seed(0)
+    model = DiT(model_cfg, task).to(device)
+    net = torch.compile(model, dynamic=False) if variant == "compiled" else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = SIZES[size][0]
+    gen = torch.Generator(device).manual_seed(0)
+    target = torch.randn(batch, task.target_tokens, task.target_dim, device=device)
+    cond = torch.randn(batch, task.cond_tokens, task.cond_dim, device=device)
+    flow_cfg = FlowConfig()
+
+    def step():
+        loss, _ = flow.training_loss(net, target, cond, flow_cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+
+    return step, model, opt
+
+
+def static_bytes(model, opt) -> int:
+    """Bytes that live across steps: parameters, gradients and optimizer state."""
+    tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def peak_step_bytes(step, device: str) -> int | None:
+    """Peak of the bytes allocated during one step above what was live at its start.
+
+    On CPU, from the profiler's allocation events; the previous step is profiled too, as the
+    profiler only sees the frees of blocks it saw allocated (step n's gradients die in step n + 1)."""
+    if device == "cuda":
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return torch.cuda.max_memory_allocated() - start
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        for _ in range(2):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                step()
+        # experimental_event_tree is semi-private, but it is the only allocation trace on CPU
+        stack, events = list(prof.profiler.kineto_results.experimental_event_tree()), []
+        while stack:
+            node = stack.pop()
+            if node.tag == _EventType.Allocation:
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))  # frees are negative
+            stack.extend(node.children)
+        live = peak = 0
+        for _, size in sorted(events):
+            live += size
+            peak = max(peak, live)
+        return peak
+    except Exception:  # the profiler internals move between torch versions: no number rather than a failure
+        return None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_train_step(benchmark, size, variant, device):
+    benchmark.group = f"train step {size} {device}"
+    step, model, opt = make_step(size, variant, device)
+    start = time.perf_counter()
+    for _ in range(2):  # warm-up: compilation, allocator, optimizer state
+        step()
+    warmup_s = time.perf_counter() - start
+    batch, rounds = SIZES[size]
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
+    stats = benchmark.stats.stats
+    step_peak = peak_step_bytes(step, device)
+    info = dict(size=size, variant=variant, device=device, batch=batch, params=model.num_parameters(),
+                samples_per_s=batch / stats.median, best_samples_per_s=batch / stats.min,
+                tokens_per_s=batch * model.task.target_tokens / stats.median,
+                peak_mb=(static_bytes(model, opt) + step_peak) / 2**20 if step_peak is not None else None,
+                step_peak_mb=step_peak / 2**20 if step_peak is not None else None,
+                warmup_s=warmup_s, threads=torch.get_num_threads())
+    benchmark.extra_info.update(info)
+    RESULTS[(size, variant)] = info
+
+
+def test_report_ratios(capsys):
+    """Prints samples/s, peak memory and the speed ratios against unfused (runs last in this file).
+
+    Ratios use each variant's best round: on a shared machine other load only ever adds time."""
+    lines = [f"{'size':6} {'variant':9} {'samples/s':>10} {'best':>8} {'vs unfused':>10} {'peak MB':>8} {'step MB':>8}"]
+    for (size, variant), info in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
+        base = RESULTS.get((size, "unfused"))
+        ratio = info["best_samples_per_s"] / base["best_samples_per_s"] if base else float("nan")
+        mb = [f"{info[k]:.1f}" if info[k] is not None else "-" for k in ("peak_mb", "step_peak_mb")]
+        lines.append(f"{size:6} {variant:9} {info['samples_per_s']:10.1f} {info['best_samples_per_s']:8.1f} "
+                     f"{ratio:10.2f} {mb[0]:>8} {mb[1]:>8}")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))

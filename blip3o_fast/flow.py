@@ -1,0 +1,233 @@
+"""Rectified flow matching (DESIGN §3.3, §5): timesteps, the training loss, ODE samplers, global heads.
+
+One convention everywhere: t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is data x1,
+x_t = (1 - t)·x0 + t·x1, and the model regresses the velocity u = x1 - x0 of that very x0. Sampling
+integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .config import FlowConfig
+from .errors import UserError
+
+# -- timesteps ------------------------------------------------------------------------------------
+
+
+def _gamma(shape: float, n: int, generator: torch.Generator | None, device) -> Tensor:
+    """Gamma(shape, 1) [n] float64 by Marsaglia-Tsang, drawing only from `generator` (torch's own
+    Gamma sampler takes no generator, and the trainer must replay the stream on resume)."""
+    k = shape + 1.0 if shape < 1.0 else shape  # Gamma(a) = Gamma(a + 1)·U^(1/a) for a < 1
+    d = k - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.zeros(n, dtype=torch.float64, device=device)
+    todo = torch.ones(n, dtype=torch.bool, device=device)
+    while True:  # each round accepts > 95% of the candidates
+        x = torch.randn(n, generator=generator, dtype=torch.float64, device=device)
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+        v = (1.0 + c * x) ** 3
+        ok = (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+        out = torch.where(ok & todo, d * v, out)
+        todo &= ~ok
+        if not bool(todo.any()):
+            break
+    if shape < 1.0:
+        out = out * torch.rand(n, generator=generator, dtype=torch.float64, device=device) ** (1.0 / shape)
+    return out
+
+
+def sample_timesteps(batch: int, cfg: FlowConfig, generator: torch.Generator | None, device) -> Tensor:
+    """Training times t [B] (float32) in [0, 1] from cfg.timestep_sampling, drawn from `generator`."""
+    if cfg.timestep_sampling == "uniform":
+        return torch.rand(batch, generator=generator, device=device)
+    if cfg.timestep_sampling == "logit_normal":
+        z = torch.randn(batch, generator=generator, device=device)
+        return torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
+    if cfg.timestep_sampling == "beta":
+        a = _gamma(cfg.beta_a, batch, generator, device)
+        b = _gamma(cfg.beta_b, batch, generator, device)
+        return (a / (a + b).clamp_min(1e-300)).float()  # both ~0 only for tiny shapes: t = 0 then
+    raise UserError(f"flow.timestep_sampling must be uniform, logit_normal or beta, got {cfg.timestep_sampling!r}")
+
+
+def timestep_grid(steps: int, shift: float = 1.0) -> list[float]:
+    """The sampler's steps + 1 times from 0 to 1; shift s > 1 puts more of them near the noise end
+    (noise level σ = 1 - t -> s·σ / (1 + (s - 1)·σ), as SD3)."""
+    grid = []
+    for i in range(steps + 1):
+        sigma = 1.0 - i / steps
+        grid.append(1.0 - shift * sigma / (1.0 + (shift - 1.0) * sigma))
+    return grid
+
+
+# -- global embeddings (DESIGN §5) ----------------------------------------------------------------
+
+
+class GlobalHead(nn.Module):
+    """The target encoder's global head: post_layernorm then a bias-free visual_projection (CLIP's)."""
+
+    def __init__(self, token_dim: int, embed_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.post_layernorm = nn.LayerNorm(token_dim, eps=eps)
+        self.visual_projection = nn.Linear(token_dim, embed_dim, bias=False)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "GlobalHead":
+        """The frozen head of a dataset's head.safetensors (keys as in CLIP; metadata layer_norm_eps)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"global head file {path} does not exist (the dataset's head.safetensors)")
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            eps = float((f.metadata() or {}).get("layer_norm_eps", 1e-5))
+        want = {"post_layernorm.weight", "post_layernorm.bias", "visual_projection.weight"}
+        if set(tensors) != want or tensors["visual_projection.weight"].dim() != 2:
+            raise UserError(f"{path} must hold exactly {sorted(want)} (a [Dg, Dt] projection), got {sorted(tensors)}")
+        embed_dim, token_dim = tensors["visual_projection.weight"].shape
+        head = cls(token_dim, embed_dim, eps)
+        head.load_state_dict({k: v.float() for k, v in tensors.items()})
+        return head.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.visual_projection.weight.dtype)
+        return self.visual_projection(self.post_layernorm(x))
+
+
+def global_embedding(tokens: Tensor, head: GlobalHead | None, mode: str, has_cls: bool) -> Tensor:
+    """L2-normalised global embedding [B, Dg] of tokens [B, N, Dt]: the head on the CLS token (`cls`)
+    or on the mean of the patch tokens, CLS excluded (`mean`); without a head, the pooled token itself."""
+    if mode == "cls":
+        if not has_cls:
+            raise UserError("flow.head=cls needs target tokens with the CLS token first (task.target_cls=true); "
+                            "use flow.head=mean")
+        pooled = tokens[:, 0]
+    elif mode == "mean":
+        pooled = tokens[:, int(has_cls):].mean(dim=1)
+    else:
+        raise UserError(f"flow.head must be cls or mean, got {mode!r}")
+    emb = head(pooled) if head is not None else pooled
+    return F.normalize(emb.float(), dim=-1)
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def _core(model: nn.Module) -> nn.Module:
+    """The DiT inside torch.compile / DDP / DeepSpeed wrappers (for its config and task)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def contrastive_loss(pred: Tensor, true: Tensor, temperature: float) -> Tensor:
+    """Symmetric InfoNCE between L2-normalised embeddings [B, D]: sample b's positive is b."""
+    logits = pred @ true.T / temperature
+    labels = torch.arange(pred.shape[0], device=pred.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def training_loss(
+    model: nn.Module,
+    target: Tensor,
+    cond: Tensor,
+    cfg: FlowConfig,
+    generator: torch.Generator | None,
+    weight: Tensor | None = None,
+    head: GlobalHead | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The rectified-flow loss of one batch and its detached metrics (mse, velocity_cos[, contrastive]).
+
+    Draws, in this order and only from `generator`: x0 ~ N(0, I), t, and the cond-drop mask (used in
+    training mode only), so the trainer can replay a step exactly. x0 builds x_t AND the target u.
+    """
+    dit = _core(model)
+    task, dtype, device = dit.task, _dtype(dit), target.device
+    if target.dim() != 3 or tuple(target.shape[1:]) != (task.target_tokens, task.target_dim):
+        raise UserError(f"training target of shape {list(target.shape)} does not fit task {task.name}: "
+                        f"expected [B, {task.target_tokens}, {task.target_dim}]")
+    o = ops.select(dit.config.fused_ops)
+    batch = target.shape[0]
+    x1 = target.to(dtype)
+    x0 = torch.randn(x1.shape, generator=generator, device=device, dtype=dtype)
+    t = sample_timesteps(batch, cfg, generator, device).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    drop = torch.rand(batch, generator=generator, device=device) < dit.config.cond_drop
+
+    x_t = o.flow_interpolate(x1, x0, t)
+    v = model(x_t, t, cond, drop_cond=drop if model.training else None)
+    loss, per_sample_mse, per_sample_cos = o.flow_matching_loss(v, x1, x0, t, weight)
+    metrics = {"mse": per_sample_mse.detach().mean(), "velocity_cos": per_sample_cos.detach().mean()}
+
+    if cfg.contrastive_weight > 0:
+        x1_hat = x_t + (1 - t).to(v.dtype)[:, None, None] * v  # the clean sample the velocity points at
+        pred = global_embedding(x1_hat, head, cfg.head, task.target_cls)
+        with torch.no_grad():
+            true = global_embedding(x1, head, cfg.head, task.target_cls)
+        contrastive = contrastive_loss(pred, true, cfg.contrastive_temperature)
+        loss = loss + cfg.contrastive_weight * contrastive
+        metrics["contrastive"] = contrastive.detach()
+    return loss, metrics
+
+
+# -- sampling -------------------------------------------------------------------------------------
+
+
+def _velocity(model: nn.Module, x: Tensor, t: float, cond: Tensor, guidance_scale: float) -> Tensor:
+    """v(x, t | cond), classifier-free guided: v_null + g·(v_cond - v_null), both in one batch."""
+    batch = x.shape[0]
+    tt = torch.full((batch,), t, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if guidance_scale == 1.0:
+        return model(x, tt, cond)
+    drop = torch.arange(2 * batch, device=x.device) >= batch  # first half conditioned, second half null
+    v_cond, v_null = model(torch.cat((x, x)), torch.cat((tt, tt)), torch.cat((cond, cond)), drop_cond=drop).chunk(2)
+    return v_null + guidance_scale * (v_cond - v_null)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    cond: Tensor,
+    steps: int,
+    sampler: str = "euler",
+    timestep_shift: float = 1.0,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    target_shape: tuple[int, ...] | None = None,
+) -> Tensor:
+    """Integrates dx/dt = v(x, t | cond) from noise at t = 0 to data at t = 1: x1 [B, Nt, Dt].
+
+    Euler takes `steps` model calls, Heun (trapezoid predictor-corrector) 2·steps; with guidance
+    scale g != 1 each call is one doubled batch (conditioned and null).
+    """
+    if sampler not in ("euler", "heun"):
+        raise UserError(f"sampler must be euler or heun, got {sampler!r}")
+    if steps < 1 or timestep_shift <= 0:
+        raise UserError(f"sampling needs steps >= 1 and timestep_shift > 0, got {steps} and {timestep_shift}")
+    dit = _core(model)
+    task = dit.task
+    shape = tuple(target_shape) if target_shape is not None else (cond.shape[0], task.target_tokens, task.target_dim)
+    x = torch.randn(shape, generator=generator, device=cond.device, dtype=_dtype(dit))
+    grid = timestep_grid(steps, timestep_shift)
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        v0 = _velocity(model, x, t0, cond, guidance_scale)
+        if sampler == "euler":
+            x = x + (t1 - t0) * v0
+        else:
+            v1 = _velocity(model, x + (t1 - t0) * v0, t1, cond, guidance_scale)
+            x = x + (t1 - t0) * 0.5 * (v0 + v1)
+    return x
