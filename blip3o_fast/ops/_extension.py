@@ -48,6 +48,7 @@ def has_kernel(op: str, device_type: str) -> bool:
 
 def check_device(device: torch.device | str) -> None:
     """Raises a one-line error when the fused ops have no kernels for `device` in this build."""
+    load()
     device_type = torch.device(device).type
     if device_type not in ("cpu", "cuda") or not has_kernel("rope3d", device_type):
         raise ExtensionError(

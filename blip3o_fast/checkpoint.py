@@ -1,0 +1,150 @@
+"""Checkpoints that count only when complete, with exact resume.
+
+A checkpoint is a folder `<run>/checkpoints/step-NNNNNNN/` holding DeepSpeed's model and optimizer
+states (any ZeRO stage), `ema.safetensors` (full float32 EMA weights), `config.yaml`, `meta.json`
+(step and counters), and one `rank-NNNNN.pt` per rank (its data-stream and RNG state). Rank 0 writes
+the `COMPLETE` marker last, after every rank has finished writing; only marked checkpoints are
+resumed from, and older ones are pruned only once a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import distributed
+from .errors import UserError
+
+MARKER = "COMPLETE"
+_NAME = re.compile(r"^step-(\d{7,})$")
+
+
+def tag(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Restored:
+    step: int
+    meta: dict
+    rank_state: dict
+    ema: dict[str, torch.Tensor]
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep_last: int, dist: distributed.Dist):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.dist = dist
+
+    # -- discovery --------------------------------------------------------------------------------
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and (p / MARKER).is_file()]
+        return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """`auto`: the newest complete checkpoint or None; a path: that checkpoint (must be complete)."""
+        if resume in (None, "", "none", "never"):
+            return None
+        if resume == "auto":
+            found = self.complete()
+            return found[-1] if found else None
+        path = Path(resume)
+        if not (path / MARKER).is_file():
+            raise UserError(f"{path} is not a complete checkpoint (no {MARKER} marker): pass --resume auto to take the "
+                            f"newest complete one in {self.root}")
+        return path
+
+    # -- saving -----------------------------------------------------------------------------------
+
+    def save(self, engine, step: int, ema, rank_state: dict, meta: dict, config_yaml: str) -> Path:
+        """Collective: every rank calls it. Returns the checkpoint folder."""
+        name = tag(step)
+        path = self.root / name
+        if self.dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # a leftover of an interrupted save of this same step
+                shutil.rmtree(path)
+        distributed.barrier()
+        engine.save_checkpoint(str(self.root), tag=name, save_latest=False)
+        ema_state = ema.full_state_dict()  # collective under ZeRO-3
+        torch.save({**rank_state, "rng": rng_state()}, path / f"rank-{self.dist.rank:05d}.pt")
+        if self.dist.is_main:
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(path / "ema.safetensors"))
+            (path / "config.yaml").write_text(config_yaml)
+            atomic_write_text(path / "meta.json", json.dumps({**meta, "step": step}, indent=1))
+        distributed.barrier()  # every rank's files are on disk before the marker
+        if self.dist.is_main:
+            atomic_write_text(path / MARKER, f"{step}\n")
+            self._prune(keep=path)
+        distributed.barrier()
+        return path
+
+    def _prune(self, keep: Path) -> None:
+        """Drops complete checkpoints beyond the last K, and incomplete leftovers older than `keep`."""
+        complete = self.complete()
+        for old in complete[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        newest = int(_NAME.match(keep.name).group(1))
+        for p in self.root.iterdir():
+            m = _NAME.match(p.name)
+            if m and not (p / MARKER).is_file() and int(m.group(1)) < newest:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def load(self, engine, path: Path) -> Restored:
+        """Collective: model and optimizer into the engine; returns this rank's state and the EMA."""
+        rank_file = path / f"rank-{self.dist.rank:05d}.pt"
+        if not rank_file.is_file():
+            raise UserError(f"{path} has no state for rank {self.dist.rank} ({rank_file.name}): resume with the same "
+                            f"number of processes it was saved with")
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if load_path is None:
+            raise UserError(f"DeepSpeed could not load the checkpoint {path}")
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        set_rng_state(rank_state.pop("rng"))
+        meta = json.loads((path / "meta.json").read_text())
+        return Restored(int(meta["step"]), meta, rank_state, load_file(str(path / "ema.safetensors")))
+
+
+def load_ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full EMA weights of a complete checkpoint (for evaluation, any process count)."""
+    if not (checkpoint / MARKER).is_file():
+        raise UserError(f"{checkpoint} is not a complete checkpoint (no {MARKER} marker)")
+    return load_file(str(checkpoint / "ema.safetensors"))

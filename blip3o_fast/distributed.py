@@ -1,0 +1,98 @@
+"""Process-group setup and the few collectives the trainer needs.
+
+One process or many, the run always has a process group (DeepSpeed needs one): a lone process
+gets a single-rank group on a free local port. Launch many with `torchrun`, `deepspeed` or a
+hostfile; their environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is used as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init() -> Dist:
+    """Joins (or creates) the process group: NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():  # DeepSpeed adopts this group; evaluation needs no DeepSpeed at all
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank when flag is true on any rank (so all ranks take the same branch)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_across(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The mean over ranks of each scalar (one all-reduce for all of them)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def sum_across(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, step, rank, micro-batch): stable across runs and
+    machines, unlike Python's hash()."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(device: torch.device, *parts: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derived_seed(*parts))
+    return g

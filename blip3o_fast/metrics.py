@@ -1,0 +1,136 @@
+"""Run metrics: metrics.jsonl, TensorBoard events, optional wandb, the loss plot, and the FLOP count
+behind MFU. Only rank 0 writes; values are already reduced across ranks by the trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+# dense bf16 tensor-core peak (FLOP/s) by device name: the MFU denominator
+PEAK_BF16_FLOPS = {
+    "H100": 989.4e12,
+    "H200": 989.4e12,
+    "H800": 989.4e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "RTX 4090": 165e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def train_flops_per_sample(model) -> float:
+    """Matmul FLOPs of one training sample (forward + backward = 3 x forward, 2 FLOPs per MAC).
+
+    Per sample, with Nt target and Nc condition tokens, hidden H, depth L, MLP width F:
+      in/out projections  2·Nt·Dt·H · 2          condition embedding  2·Nc·Dc·H
+      cross-attention K/V 2·Nc·H·2H·L            timestep MLP + AdaLN  2·(256H + H² + 9H²·L + 2H²)
+      per block: self qkv 6·Nt·H², self scores + values 4·Nt²·H, projections 2·2·Nt·H²,
+                 cross q 2·Nt·H², cross scores + values 4·Nt·Nc·H, MLP 6·Nt·H·F (SwiGLU) or 4·Nt·H·F
+    Elementwise work (norms, RoPE, the loss) is not counted, as is usual for MFU.
+    """
+    cfg, task = model.config, model.task
+    Nt, Nc, H, L = task.target_tokens, task.cond_tokens, cfg.hidden_size, cfg.depth
+    F = model.blocks[0].mlp.w2.in_features
+    mlp = (6 if cfg.mlp == "swiglu" else 4) * Nt * H * F
+    block = 6 * Nt * H * H + 4 * Nt * Nt * H + 4 * Nt * H * H + 2 * Nt * H * H + 4 * Nt * Nc * H + mlp
+    forward = (4 * Nt * task.target_dim * H + 2 * Nc * task.cond_dim * H + 4 * Nc * H * H * L
+               + 2 * (256 * H + H * H + 9 * H * H * L + 2 * H * H) + L * block)
+    return 3.0 * forward
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, wandb_project: str | None = None, config: dict | None = None,
+                 resume_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():  # a resumed run rewrites the steps it repeats
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step or None)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                from .errors import UserError
+
+                raise UserError("train.wandb=true but wandb is not installed: pip install wandb, or set "
+                                "train.wandb=false") from None
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir), resume="allow")
+
+    def log(self, step: int, values: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, "time": time.time(), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(f"{kind}/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: Path, kind: str = "train") -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind", "train") == kind]
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    """loss.png: training loss (and velocity cosine) per step from metrics.jsonl, eval points if any."""
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="flow-matching loss", color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if "velocity_cos" in rows[0]:
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["velocity_cos"] for r in rows], label="velocity cosine", color="tab:orange", alpha=0.7)
+        evals = read_metrics(Path(run_dir) / "metrics.jsonl", kind="eval")
+        if evals and "patch_cosine" in evals[0]:
+            ax2.plot([r["step"] for r in evals], [r["patch_cosine"] for r in evals], "o-", color="tab:green",
+                     label="held-out patch cosine (sampled)")
+        ax2.set_ylabel("cosine")
+        ax2.set_ylim(-0.05, 1.05)
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title(Path(run_dir).name)
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

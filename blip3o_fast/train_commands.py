@@ -1,0 +1,32 @@
+"""`blip3o-fast train --config FILE [section.key=value ...]`.
+
+One process:      blip3o-fast train --config configs/demo.yaml
+Many on one node: torchrun --nproc_per_node 8 -m blip3o_fast.cli train --config ...
+                  deepspeed --num_gpus 8 --module blip3o_fast.cli train --config ...
+Many nodes:       deepspeed --hostfile hosts --module blip3o_fast.cli train --config ...
+"""
+
+from __future__ import annotations
+
+
+def run(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"train.out_dir={args.out}")
+    cfg = load_config(args.config, overrides)
+    return train(cfg, cfg.train.out_dir, resume=args.resume)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a DiT with DeepSpeed (one process, torchrun or deepspeed)",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config YAML (may include model/task YAMLs)")
+    p.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest complete checkpoint of the run folder, if any), none, or a checkpoint folder")
+    p.add_argument("--local_rank", type=int, default=None, help=__import__("argparse").SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.set_defaults(run=run)
