@@ -11,6 +11,11 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 .PHONY: setup build test test-fast cpp-test cuda-check bench demo clean
 
+# the main job on the embedded default: synthetic shards -> train the tiny DiT -> evaluate
+DEMO_DIR ?= demo
+DEMO_ARGS ?=
+EVAL_ARGS ?=
+
 # the venv, torch, the dependencies and the extension (rebuilt when csrc/ or setup.py change)
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
@@ -44,9 +49,19 @@ cuda-check:
 		$(CUDA_VENV)/bin/python setup.py -q build --build-base build/cuda --build-lib build/cuda/lib
 	cd build/cuda/lib && PYTHONPATH=. ../../../$(CUDA_VENV)/bin/python ../../../tests/cuda_check.py
 
+# the CPU benchmark suite; each run adds a JSON (device, versions, commit inside) to bench/results/
+BENCH_DEVICE ?= $(shell $(PY) -c "import torch;print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+BENCH_JSON ?= bench/results/$(shell date -u +%Y%m%d-%H%M%S)-$(BENCH_DEVICE).json
 bench: setup
-	$(PY) -m pytest -q bench --benchmark-json=bench/results/latest-cpu.json $(PYTEST_ARGS)
-	$(PY) -m blip3o_fast.cli bench report
+	$(PY) -m pytest -q -p no:cacheprovider -o python_files='bench_*.py' bench --benchmark-json=$(BENCH_JSON) \
+		--benchmark-group-by=group --benchmark-columns=median,iqr --benchmark-sort=name $(PYTEST_ARGS)
+	$(PY) -m blip3o_fast.cli bench report --file $(BENCH_JSON)
+
+demo: setup
+	test -f $(DEMO_DIR)/data/manifest.json || $(PY) -m blip3o_fast.cli data synth --out $(DEMO_DIR)/data
+	$(PY) -m blip3o_fast.cli train --config configs/demo.yaml --out $(DEMO_DIR)/run data.path=$(DEMO_DIR)/data $(DEMO_ARGS)
+	$(PY) -m blip3o_fast.cli eval --run $(DEMO_DIR)/run $(EVAL_ARGS)
+	@echo "loss curve: $(DEMO_DIR)/run/loss.png   metrics: $(DEMO_DIR)/run/metrics.jsonl"
 
 clean:
 	rm -rf build blip3o_fast/_C*.so blip3o_fast/_C.build.json

@@ -1,0 +1,106 @@
+"""Each fused op, forward and forward+backward: fused vs its eager reference vs torch.compile of the
+reference, at the base model's shapes (B·S = 4·256 tokens, C = 768, 12 heads of 64, target dim 1024)
+and the tiny demo model's (32·65 tokens, C = 128, 4 heads of 32, target dim 32).
+
+    pytest bench/bench_ops.py --benchmark-group-by=group
+
+Groups are "<op> <mode> <shape> <device>"; `blip3o-fast bench report` turns them into ratios.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blip3o_fast import ops
+from conftest import sync
+
+SHAPES = {
+    "base": dict(B=4, S=256, C=768, H=12, D=64, T=1024),
+    "tiny": dict(B=32, S=65, C=128, H=4, D=32, T=32),
+}
+EPS = 1e-6
+
+
+def rope_inputs(s, device, dtype):
+    q = torch.randn(s["B"], s["S"], s["H"], s["D"], device=device, dtype=dtype)
+    k = torch.randn(s["B"], s["S"], s["H"], s["D"], device=device, dtype=dtype)
+    cos, sin = ops.rope3d_tables((16, 16), s["D"], device=device) if s["S"] == 256 else \
+        ops.rope3d_tables((8, 8), s["D"], cls=True, device=device)
+    return [q, k, cos, sin, cos, sin], [0, 1]
+
+
+def modulate_inputs(s, device, dtype):
+    x = torch.randn(s["B"], s["S"], s["C"], device=device, dtype=dtype)
+    mod = torch.randn(s["B"], 2 * s["C"], device=device, dtype=dtype)
+    return [x, mod[:, :s["C"]], mod[:, s["C"]:]], [0, 1, 2]
+
+
+def gated_inputs(s, device, dtype):
+    x = torch.randn(s["B"], s["S"], s["C"], device=device, dtype=dtype)
+    y = torch.randn(s["B"], s["S"], s["C"], device=device, dtype=dtype)
+    mod = torch.randn(s["B"], 3 * s["C"], device=device, dtype=dtype)
+    C = s["C"]
+    return [x, y, mod[:, :C], mod[:, C:2 * C], mod[:, 2 * C:]], [0, 1, 2, 3, 4]
+
+
+def flow_inputs(s, device, dtype):
+    shape = (s["B"], s["S"], s["T"])
+    x1, x0, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+    t = torch.rand(s["B"], device=device)
+    return [v, x1, x0, t], [0]
+
+
+def interp_inputs(s, device, dtype):
+    shape = (s["B"], s["S"], s["T"])
+    return [torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype),
+            torch.rand(s["B"], device=device)], [0]
+
+
+# op name -> (inputs, the call on an op set returning the outputs to differentiate)
+OPS = {
+    "rope3d": (rope_inputs, lambda o, a: o.rope3d(*a)),
+    "adaln_modulate": (modulate_inputs, lambda o, a: o.adaln_modulate(*a, EPS, "layer")[:1]),
+    "gated_residual_adaln": (gated_inputs, lambda o, a: o.gated_residual_adaln(*a, EPS, "layer")[:2]),
+    "flow_interpolate": (interp_inputs, lambda o, a: (o.flow_interpolate(*a),)),
+    "flow_matching_loss": (flow_inputs, lambda o, a: o.flow_matching_loss(*a)[:1]),
+}
+IMPLS = ["fused", "eager", "compiled"]
+
+
+def make_runner(op_name, impl, shape, device, mode, dtype=torch.float32):
+    make_inputs, call = OPS[op_name]
+    inputs, grad_idx = make_inputs(SHAPES[shape], device, dtype)
+    op_set = ops.select(impl == "fused")
+    fn = lambda *a: call(op_set, a)
+    if impl == "compiled":
+        fn = torch.compile(fn, dynamic=False)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(*inputs)
+            sync(device)
+        return run
+    leaves = [x.detach().clone().requires_grad_(i in grad_idx) for i, x in enumerate(inputs)]
+    with torch.no_grad():
+        grads = [torch.randn_like(o) for o in fn(*leaves)]
+
+    def run():
+        for x in leaves:
+            x.grad = None
+        torch.autograd.backward(list(fn(*leaves)), grads)
+        sync(device)
+    return run
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_op(benchmark, op_name, shape, mode, impl, device):
+    benchmark.group = f"{op_name} {mode} {shape} {device}"
+    benchmark.extra_info.update(op=op_name, shape=shape, mode=mode, impl=impl, device=device, **SHAPES[shape])
+    run = make_runner(op_name, impl, shape, device, mode)
+    for _ in range(3):  # warm-up: compilation, allocator, caches
+        run()
+    benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=2)
