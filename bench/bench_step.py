@@ -1,5 +1,6 @@
 """One training step (forward, backward, AdamW) of the tiny and small DiTs on the demo task: fused ops
-vs their eager references ("unfused") vs torch.compile of the unfused model ("compiled").
+vs their eager references ("unfused") vs torch.compile of the unfused model ("compiled") vs the
+prior projects' style of model at the same size ("prior", bench/baselines/prior_dit.py).
 
     pytest bench/bench_step.py --benchmark-group-by=group -s
 
@@ -21,12 +22,13 @@ import torch
 from blip3o_fast import flow
 from blip3o_fast.config import FlowConfig, load_config
 from blip3o_fast.model import DiT
+from baselines.prior_dit import PriorStyleDiT, prior_training_loss
 from conftest import sync
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # size -> (batch, rounds): the demo task's [64, 64] -> [65, 32] tokens
 SIZES = {"tiny": (32, 10), "small": (4, 5)}
-VARIANTS = ["fused", "unfused", "compiled"]
+VARIANTS = ["fused", "unfused", "compiled", "prior"]
 RESULTS: dict[tuple[str, str], dict] = {}
 
 
@@ -35,7 +37,13 @@ def make_step(size: str, variant: str, device: str):
     model_cfg = load_config(CONFIGS / "model" / f"{size}.yaml", [f"model.fused_ops={variant == 'fused'}"]).model
     task = load_config(CONFIGS / "task" / "demo.yaml").task
     torch.manual_seed(0)
-    model = DiT(model_cfg, task).to(device)
+    if variant == "prior":
+        model = PriorStyleDiT(model_cfg.hidden_size, model_cfg.depth, model_cfg.num_heads, task.cond_dim,
+                              task.target_dim, task.target_tokens, model_cfg.mlp_ratio).to(device)
+        model.task = task
+        model.num_parameters = lambda: sum(p.numel() for p in model.parameters())
+    else:
+        model = DiT(model_cfg, task).to(device)
     net = torch.compile(model, dynamic=False) if variant == "compiled" else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = SIZES[size][0]
@@ -44,11 +52,22 @@ def make_step(size: str, variant: str, device: str):
     cond = torch.randn(batch, task.cond_tokens, task.cond_dim, device=device)
     flow_cfg = FlowConfig()
 
+    scaler = torch.amp.GradScaler("cuda") if variant == "prior" and device == "cuda" else None
+
     def step():
-        loss, _ = flow.training_loss(net, target, cond, flow_cfg, gen)
+        if variant == "prior":  # as the prior projects ran: fp16 autocast and a loss scaler on GPU
+            with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
+                loss = prior_training_loss(net, target, cond, gen)
+        else:
+            loss, _ = flow.training_loss(net, target, cond, flow_cfg, gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         sync(device)
 
     return step, model, opt
@@ -107,7 +126,7 @@ def test_train_step(benchmark, size, variant, device):
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
     stats = benchmark.stats.stats
     step_peak = peak_step_bytes(step, device)
-    info = dict(size=size, variant=variant, device=device, batch=batch, params=model.num_parameters(),
+    info = dict(size=size, impl=variant, device=device, batch=batch, params=model.num_parameters(),
                 samples_per_s=batch / stats.median, best_samples_per_s=batch / stats.min,
                 tokens_per_s=batch * model.task.target_tokens / stats.median,
                 peak_mb=(static_bytes(model, opt) + step_peak) / 2**20 if step_peak is not None else None,
@@ -118,15 +137,18 @@ def test_train_step(benchmark, size, variant, device):
 
 
 def test_report_ratios(capsys):
-    """Prints samples/s, peak memory and the speed ratios against unfused (runs last in this file).
+    """Prints samples/s, peak memory and the speed ratios against unfused and prior (runs last in this file).
 
     Ratios use each variant's best round: on a shared machine other load only ever adds time."""
-    lines = [f"{'size':6} {'variant':9} {'samples/s':>10} {'best':>8} {'vs unfused':>10} {'peak MB':>8} {'step MB':>8}"]
+    lines = [f"{'size':6} {'variant':9} {'samples/s':>10} {'best':>8} {'vs unfused':>10} {'vs prior':>9} "
+             f"{'peak MB':>8} {'step MB':>8}"]
     for (size, variant), info in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
-        base = RESULTS.get((size, "unfused"))
-        ratio = info["best_samples_per_s"] / base["best_samples_per_s"] if base else float("nan")
+        ratios = []
+        for ref in ("unfused", "prior"):
+            base = RESULTS.get((size, ref))
+            ratios.append(info["best_samples_per_s"] / base["best_samples_per_s"] if base else float("nan"))
         mb = [f"{info[k]:.1f}" if info[k] is not None else "-" for k in ("peak_mb", "step_peak_mb")]
         lines.append(f"{size:6} {variant:9} {info['samples_per_s']:10.1f} {info['best_samples_per_s']:8.1f} "
-                     f"{ratio:10.2f} {mb[0]:>8} {mb[1]:>8}")
+                     f"{ratios[0]:10.2f} {ratios[1]:9.2f} {mb[0]:>8} {mb[1]:>8}")
     with capsys.disabled():
         print("\n" + "\n".join(lines))

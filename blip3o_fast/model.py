@@ -181,6 +181,10 @@ class DiT(nn.Module):
         abs_target = not (model.rope and model.rope_cross)
         self.pos_embed = nn.Parameter(torch.zeros(task.target_tokens, H)) if abs_target else None
         self.cond_pos_embed = nn.Parameter(torch.zeros(task.cond_tokens, H)) if not model.rope_cross else None
+        # a CLS token is another kind of token, not just another position: without a position table it gets
+        # its own learned type embedding (as ViT's class token), else only attention patterns would tell it apart
+        self.target_cls_embed = nn.Parameter(torch.zeros(H)) if task.target_cls and self.pos_embed is None else None
+        self.cond_cls_embed = nn.Parameter(torch.zeros(H)) if task.cond_cls and self.cond_pos_embed is None else None
         self.rope = RotaryTables(model, task) if (model.rope or model.rope_cross) else None
         self.cond_kv = nn.Linear(H, model.depth * 2 * H)  # every block's cross-attention [K | V], one GEMM
         self.blocks = nn.ModuleList(DiTBlock(model) for _ in range(model.depth))
@@ -196,7 +200,7 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         self.apply(_basic_init)
-        for p in (self.null_cond, self.pos_embed, self.cond_pos_embed):
+        for p in (self.null_cond, self.pos_embed, self.cond_pos_embed, self.target_cls_embed, self.cond_cls_embed):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
@@ -240,12 +244,16 @@ class DiT(nn.Module):
         x = self.in_proj(x_t.to(dtype))
         if self.pos_embed is not None:
             x = x + self.pos_embed
+        if self.target_cls_embed is not None:
+            x = torch.cat((x[:, :1] + self.target_cls_embed, x[:, 1:]), dim=1)
         c = self.t_embedder(t)
         e = self.cond_embed(cond.to(dtype))
         if drop_cond is not None:
             e = torch.where(drop_cond.view(B, 1, 1), self.null_cond.to(e.dtype), e)
         if self.cond_pos_embed is not None:
             e = e + self.cond_pos_embed
+        if self.cond_cls_embed is not None:
+            e = torch.cat((e[:, :1] + self.cond_cls_embed, e[:, 1:]), dim=1)
         kv = self.cond_kv(e).unflatten(-1, (cfg.depth, 2 * H))  # [B, Nc, depth, 2H]; block i reads [:, :, i]
 
         rope_self = rope_cross = None

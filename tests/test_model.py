@@ -148,6 +148,20 @@ def test_rope_off_adds_learned_positions_and_still_runs(rope, rope_cross):
     assert torch.isfinite(model(x_t, t, cond)).all()
 
 
+def test_cls_tokens_get_a_learned_type_embedding_only_without_position_tables():
+    """With RoPE and no position table, only a type embedding tells the CLS token from a patch token."""
+    both = TaskConfig(cond_dim=24, target_dim=16, grid=(3, 4), target_cls=True, cond_cls=True)
+    model = randomize(small_model(both))
+    assert model.target_cls_embed is not None and model.cond_cls_embed is not None
+    x_t, t, cond = inputs(both)
+    model(x_t, t, cond).square().sum().backward()
+    assert model.target_cls_embed.grad.abs().sum() > 0 and model.cond_cls_embed.grad.abs().sum() > 0
+    plain = small_model(replace(both, target_cls=False, cond_cls=False))
+    assert plain.target_cls_embed is None and plain.cond_cls_embed is None
+    with_table = small_model(both, rope_cross=False)  # position tables already mark the CLS rows
+    assert with_table.target_cls_embed is None and with_table.cond_cls_embed is None
+
+
 def test_self_attention_is_position_aware_through_rope():
     """Permuting target tokens must change the output of a RoPE model (it would not without positions)."""
     task = replace(SMALL_TASK, target_cls=False)
