@@ -1,14 +1,18 @@
-"""One training step (forward, backward, AdamW) of the tiny and small DiTs on the demo task: fused ops
-vs their eager references ("unfused") vs torch.compile of the unfused model ("compiled") vs the
-prior projects' style of model at the same size ("prior", bench/baselines/prior_dit.py).
+"""One training step (forward, backward, AdamW) of our DiT: fused ops vs their eager references
+("unfused") vs torch.compile of the unfused model ("compiled") vs torch.compile around the fused ops
+("fused+compiled", what train.compile=true runs), beside the prior projects' style of model at the
+same size ("prior", bench/baselines/prior_dit.py).
+
+Cases: the tiny model on the demo task (the CPU demo's workload) and the small model on the real
+eva_to_clip shapes (condition [256, 4096] -> target [257, 1024]), where the prior style's per-block
+projection of the 4096-d condition shows. Our variants use torch's fused AdamW where this torch has
+it for the device (as the trainer does); the prior style uses the default AdamW, as it did.
 
     pytest bench/bench_step.py --benchmark-group-by=group -s
 
-Reports samples/s, tokens/s and peak memory in `extra_info` and prints each size's speed ratios
-against "unfused" at the end. Peak memory is parameters, gradients and AdamW state plus the peak of
-what one step allocates on top (CPU: the profiler's allocation events; CUDA: the allocator's peak).
-The compiled variant compiles the model's forward and backward; the loss around it (a few
-elementwise ops) stays eager, as the trainer runs it. fp32 throughout.
+Reports samples/s, tokens/s and peak memory in `extra_info` and prints the speed ratios at the end.
+Peak memory is parameters, gradients and AdamW state plus the peak of what one step allocates on top
+(CPU: the profiler's allocation events; CUDA: the allocator's peak). fp32 throughout on CPU.
 """
 
 from __future__ import annotations
@@ -20,22 +24,28 @@ import pytest
 import torch
 
 from blip3o_fast import flow
-from blip3o_fast.config import FlowConfig, load_config
+from blip3o_fast.config import FlowConfig, TrainConfig, load_config
 from blip3o_fast.model import DiT
+from blip3o_fast.train import make_adamw
 from baselines.prior_dit import PriorStyleDiT, prior_training_loss
 from conftest import sync
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-# size -> (batch, rounds): the demo task's [64, 64] -> [65, 32] tokens
-SIZES = {"tiny": (32, 10), "small": (4, 5)}
-VARIANTS = ["fused", "unfused", "compiled", "prior"]
+# case -> (model size, task, batch, rounds, variants)
+CASES = {
+    "tiny-demo": ("tiny", "demo", 32, 10, ["fused", "unfused", "compiled", "fused+compiled", "prior"]),
+    "small-eva_to_clip": ("small", "eva_to_clip", 2, 3, ["fused", "unfused", "prior"]),
+}
+VARIANTS = ["fused", "unfused", "compiled", "fused+compiled", "prior"]
 RESULTS: dict[tuple[str, str], dict] = {}
 
 
-def make_step(size: str, variant: str, device: str):
-    """A closure running one optimizer step, its DiT and optimizer."""
-    model_cfg = load_config(CONFIGS / "model" / f"{size}.yaml", [f"model.fused_ops={variant == 'fused'}"]).model
-    task = load_config(CONFIGS / "task" / "demo.yaml").task
+def make_step(case: str, variant: str, device: str):
+    """A closure running one optimizer step, its model and optimizer."""
+    size, task_name, batch = CASES[case][:3]
+    fused = variant in ("fused", "fused+compiled")
+    model_cfg = load_config(CONFIGS / "model" / f"{size}.yaml", [f"model.fused_ops={fused}"]).model
+    task = load_config(CONFIGS / "task" / f"{task_name}.yaml").task
     torch.manual_seed(0)
     if variant == "prior":
         model = PriorStyleDiT(model_cfg.hidden_size, model_cfg.depth, model_cfg.num_heads, task.cond_dim,
@@ -44,9 +54,11 @@ def make_step(size: str, variant: str, device: str):
         model.num_parameters = lambda: sum(p.numel() for p in model.parameters())
     else:
         model = DiT(model_cfg, task).to(device)
-    net = torch.compile(model, dynamic=False) if variant == "compiled" else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = SIZES[size][0]
+    net = torch.compile(model, dynamic=False) if variant.endswith("compiled") else model
+    if variant == "prior":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    else:
+        opt = make_adamw(model, TrainConfig(lr=1e-4), torch.device(device))
     gen = torch.Generator(device).manual_seed(0)
     target = torch.randn(batch, task.target_tokens, task.target_dim, device=device)
     cond = torch.randn(batch, task.cond_tokens, task.cond_dim, device=device)
@@ -113,42 +125,41 @@ def peak_step_bytes(step, device: str) -> int | None:
         return None
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("size", list(SIZES))
-def test_train_step(benchmark, size, variant, device):
-    benchmark.group = f"train step {size} {device}"
-    step, model, opt = make_step(size, variant, device)
+@pytest.mark.parametrize("case,variant", [(c, v) for c, spec in CASES.items() for v in spec[4]])
+def test_train_step(benchmark, case, variant, device):
+    benchmark.group = f"train step {case} {device}"
+    step, model, opt = make_step(case, variant, device)
     start = time.perf_counter()
     for _ in range(2):  # warm-up: compilation, allocator, optimizer state
         step()
     warmup_s = time.perf_counter() - start
-    batch, rounds = SIZES[size]
+    batch, rounds = CASES[case][2:4]
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
     stats = benchmark.stats.stats
     step_peak = peak_step_bytes(step, device)
-    info = dict(size=size, impl=variant, device=device, batch=batch, params=model.num_parameters(),
+    info = dict(case=case, impl=variant, device=device, batch=batch, params=model.num_parameters(),
                 samples_per_s=batch / stats.median, best_samples_per_s=batch / stats.min,
                 tokens_per_s=batch * model.task.target_tokens / stats.median,
                 peak_mb=(static_bytes(model, opt) + step_peak) / 2**20 if step_peak is not None else None,
                 step_peak_mb=step_peak / 2**20 if step_peak is not None else None,
                 warmup_s=warmup_s, threads=torch.get_num_threads())
     benchmark.extra_info.update(info)
-    RESULTS[(size, variant)] = info
+    RESULTS[(case, variant)] = info
 
 
 def test_report_ratios(capsys):
     """Prints samples/s, peak memory and the speed ratios against unfused and prior (runs last in this file).
 
     Ratios use each variant's best round: on a shared machine other load only ever adds time."""
-    lines = [f"{'size':6} {'variant':9} {'samples/s':>10} {'best':>8} {'vs unfused':>10} {'vs prior':>9} "
+    lines = [f"{'case':18} {'variant':14} {'samples/s':>10} {'best':>8} {'vs unfused':>10} {'vs prior':>9} "
              f"{'peak MB':>8} {'step MB':>8}"]
-    for (size, variant), info in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
+    for (case, variant), info in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
         ratios = []
         for ref in ("unfused", "prior"):
-            base = RESULTS.get((size, ref))
+            base = RESULTS.get((case, ref))
             ratios.append(info["best_samples_per_s"] / base["best_samples_per_s"] if base else float("nan"))
         mb = [f"{info[k]:.1f}" if info[k] is not None else "-" for k in ("peak_mb", "step_peak_mb")]
-        lines.append(f"{size:6} {variant:9} {info['samples_per_s']:10.1f} {info['best_samples_per_s']:8.1f} "
+        lines.append(f"{case:18} {variant:14} {info['samples_per_s']:10.1f} {info['best_samples_per_s']:8.1f} "
                      f"{ratios[0]:10.2f} {ratios[1]:9.2f} {mb[0]:>8} {mb[1]:>8}")
     with capsys.disabled():
         print("\n" + "\n".join(lines))

@@ -40,7 +40,8 @@ def run(args) -> int:
     dataset = open_dataset(cfg.data.path)
     check_compatible(dataset, cfg.task)
     model = build_eval_model(cfg, weights, dist_info.device)
-    report = evaluate(model, dataset, cfg, dist_info, split=args.split, max_samples=args.max_samples,
+    max_samples = cfg.eval.max_samples if args.max_samples is None else args.max_samples
+    report = evaluate(model, dataset, cfg, dist_info, split=args.split, max_samples=max_samples,
                       steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed)
     report["checkpoint"] = str(checkpoint)
     if dist_info.is_main:
@@ -63,7 +64,8 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's eval.steps)")
     p.add_argument("--sampler", choices=["euler", "heun"], default=None, help="ODE sampler (default: eval.sampler)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: eval's)")
-    p.add_argument("--max-samples", type=int, default=0, help="evaluate at most this many samples (0: all)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="evaluate at most this many samples, 0 for all (default: eval.max_samples)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed")
     p.add_argument("--out", default=None, help="folder for the report (default: <run>/eval)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -144,7 +144,7 @@ def evaluate(model, dataset, cfg, dist_info: distributed.Dist, split: str | None
             target, cond = target[:keep], cond[:keep]
             batch = {k: (v[:keep] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
         g = distributed.generator(device, seed, dist_info.rank, batch_index)
-        pred = sample(model, cond, steps, sampler, cfg.flow.timestep_shift, guidance_scale, generator=g).float()
+        pred = sample(model, cond, steps, sampler, cfg.eval.timestep_shift, guidance_scale, generator=g).float()
         noise = torch.randn(pred.shape, generator=g, device=device)
         collected.add(
             patch_cos=_token_cos(pred[:, patches], target[:, patches]),
@@ -187,7 +187,7 @@ def evaluate(model, dataset, cfg, dist_info: distributed.Dist, split: str | None
     everything.update(mean_collected.gathered())
     return _report(everything, has_text, task.target_cls, mode, head is not None, dict(
         split=split, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-        timestep_shift=cfg.flow.timestep_shift, total_in_split=total))
+        timestep_shift=cfg.eval.timestep_shift, total_in_split=total))
 
 
 def _report(c: dict, has_text: bool, has_cls: bool, mode: str, has_head: bool, settings: dict) -> dict:

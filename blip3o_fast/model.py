@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -244,8 +245,8 @@ class DiT(nn.Module):
         x = self.in_proj(x_t.to(dtype))
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        if self.target_cls_embed is not None:
-            x = torch.cat((x[:, :1] + self.target_cls_embed, x[:, 1:]), dim=1)
+        if self.target_cls_embed is not None:  # added to row 0 only; pad's backward is a slice, cat's a copy
+            x = x + F.pad(self.target_cls_embed[None], (0, 0, 0, x.shape[1] - 1))
         c = self.t_embedder(t)
         e = self.cond_embed(cond.to(dtype))
         if drop_cond is not None:
@@ -253,8 +254,10 @@ class DiT(nn.Module):
         if self.cond_pos_embed is not None:
             e = e + self.cond_pos_embed
         if self.cond_cls_embed is not None:
-            e = torch.cat((e[:, :1] + self.cond_cls_embed, e[:, 1:]), dim=1)
-        kv = self.cond_kv(e).unflatten(-1, (cfg.depth, 2 * H))  # [B, Nc, depth, 2H]; block i reads [:, :, i]
+            e = e + F.pad(self.cond_cls_embed[None], (0, 0, 0, e.shape[1] - 1))
+        # block i reads kv[i] [B, Nc, 2H]; unbind, not kv[:, :, i]: its backward is one stack, where per-block
+        # slicing would zero-fill the whole stacked gradient once per block
+        kv = self.cond_kv(e).unflatten(-1, (cfg.depth, 2 * H)).unbind(2)
 
         rope_self = rope_cross = None
         if self.rope is not None:
@@ -267,7 +270,7 @@ class DiT(nn.Module):
         h, _, _ = o.adaln_modulate(x, mods[0][0], mods[0][1], cfg.norm_eps, cfg.norm)
         for i, block in enumerate(self.blocks):
             next_shift, next_scale = mods[i + 1][:2] if i + 1 < cfg.depth else (shift_out, scale_out)
-            args = (x, h, mods[i], kv[:, :, i], rope_self, rope_cross, next_shift, next_scale, o)
+            args = (x, h, mods[i], kv[i], rope_self, rope_cross, next_shift, next_scale, o)
             if cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x, h = checkpoint(block, *args, use_reentrant=False)
             else:

@@ -8,8 +8,8 @@ state, step, data position, seed): the flow-matching noise, timesteps and condit
 generators seeded by (seed, step, rank, micro-batch) and the learning rate is a function of the
 step, so a resumed run repeats the uninterrupted run's losses exactly.
 
-Faults: a non-finite loss or gradient on any rank skips the optimizer step on every rank (ZeRO >= 1:
-DeepSpeed's overflow check; stage 0: ours) and is counted; `train.max_nonfinite` in a row stops the
+Faults: a non-finite loss or gradient on any rank skips the optimizer step on every rank (ZeRO >= 1 and
+bf16: DeepSpeed's overflow check; stage 0 fp32: ours) and is counted; `train.max_nonfinite` in a row stops the
 run with a checkpoint. SIGTERM/SIGINT save a checkpoint at the next step boundary and exit 0.
 """
 
@@ -76,6 +76,17 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_adamw(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+    """torch's AdamW, with its fused kernel (one pass over each parameter's state) where this torch has one
+    for the device (CUDA; CPU since 2.4), else the multi-tensor one."""
+    groups = optimizer_groups(model, cfg.weight_decay)
+    try:
+        model.to(device)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 @contextlib.contextmanager
@@ -148,8 +159,9 @@ class Trainer:
         self.flops_per_sample = train_flops_per_sample(model)
         if self.is_main:
             print(model.describe(), flush=True)
-        optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                      betas=cfg.train.betas, fused=self.device.type == "cuda")
+        if cfg.train.compile:
+            model.compile(dynamic=False)  # in place: parameter names, checkpoints and EMA are unchanged
+        optimizer = make_adamw(model, cfg.train, self.device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(cfg, self.precision))
         self.ema = EMA(self.engine.module, cfg.train.ema_decay)
@@ -183,7 +195,7 @@ class Trainer:
             group["lr"] = lr
 
     def _local_grad_norm(self) -> float:
-        """Stage 0: the (already all-reduced) gradient norm, before DeepSpeed clips it."""
+        """The (already all-reduced, stage 0) gradient norm, before DeepSpeed clips it."""
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
@@ -218,7 +230,9 @@ class Trainer:
             if micro < cfg.train.grad_accum - 1:
                 self.engine.step()  # DeepSpeed's micro-step bookkeeping; no update before the boundary
         grad_norm = None
-        if cfg.train.zero_stage == 0:
+        # DeepSpeed's ZeRO and bf16 optimizers skip a step with non-finite gradients themselves and report an
+        # inf norm; a plain torch optimizer (stage 0, fp32) is passed through unchecked, so we check
+        if isinstance(self.engine.optimizer, torch.optim.Optimizer):
             grad_norm = self._local_grad_norm()
             skip = not math.isfinite(grad_norm)
             if skip:
