@@ -115,6 +115,17 @@ def test_zero_stages_agree_with_stage_0(small_data, tmp_path, stage):
         assert (ema[key] - ema0[key]).abs().max() < 1e-4, key
 
 
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(small_data, tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_train(small_data, eager, 3, "train.ckpt_every=100")
+    run_train(small_data, compiled, 3, "train.ckpt_every=100", "train.compile=true")
+    reference = losses(eager)
+    assert sorted(losses(compiled)) == sorted(reference)
+    for step, loss in losses(compiled).items():
+        assert loss == pytest.approx(reference[step], rel=1e-4), step
+
+
 def test_injected_nan_is_skipped_and_counted(small_data, tmp_path):
     run = tmp_path / "nan"
     result = run_train(small_data, run, 5, "train.ckpt_every=100", extra_env={"BLIP3O_FAST_FAULT_NAN_STEPS": "2"})

@@ -42,13 +42,13 @@ def load() -> None:
 
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether op (e.g. "rope3d") has a kernel for device_type ("cpu" or "cuda") in this build."""
+    load()
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"blip3o_fast::{op}", key)
 
 
 def check_device(device: torch.device | str) -> None:
     """Raises a one-line error when the fused ops have no kernels for `device` in this build."""
-    load()
     device_type = torch.device(device).type
     if device_type not in ("cpu", "cuda") or not has_kernel("rope3d", device_type):
         raise ExtensionError(
