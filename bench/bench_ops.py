@@ -4,7 +4,9 @@ and the tiny demo model's (32·65 tokens, C = 128, 4 heads of 32, target dim 32)
 
     pytest bench/bench_ops.py --benchmark-group-by=group
 
-Groups are "<op> <mode> <shape> <device>"; `blip3o-fast bench report` turns them into ratios.
+Groups are "<op> <mode> <shape> <device>"; `blip3o-fast bench report` turns them into ratios. Each
+result also records the bytes the pass must move and the achieved GB/s (bytes / median time). On
+CUDA the L2 cache is overwritten before every timed round and each round ends in a synchronize.
 """
 
 from __future__ import annotations
@@ -68,11 +70,20 @@ OPS = {
 IMPLS = ["fused", "eager", "compiled"]
 
 
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
 def make_runner(op_name, impl, shape, device, mode, dtype=torch.float32):
+    """(the timed closure, the bytes one call must move at least: each input and output once; with the
+    backward also each output gradient read, each input gradient written and each input read again)."""
     make_inputs, call = OPS[op_name]
     inputs, grad_idx = make_inputs(SHAPES[shape], device, dtype)
     op_set = ops.select(impl == "fused")
     fn = lambda *a: call(op_set, a)
+    with torch.no_grad():
+        out_bytes = nbytes(call(ops.reference, inputs))
+    fwd_bytes = nbytes(inputs) + out_bytes
     if impl == "compiled":
         fn = torch.compile(fn, dynamic=False)
     if mode == "fwd":
@@ -80,7 +91,7 @@ def make_runner(op_name, impl, shape, device, mode, dtype=torch.float32):
             with torch.no_grad():
                 fn(*inputs)
             sync(device)
-        return run
+        return run, fwd_bytes
     leaves = [x.detach().clone().requires_grad_(i in grad_idx) for i, x in enumerate(inputs)]
     with torch.no_grad():
         grads = [torch.randn_like(o) for o in fn(*leaves)]
@@ -90,7 +101,7 @@ def make_runner(op_name, impl, shape, device, mode, dtype=torch.float32):
             x.grad = None
         torch.autograd.backward(list(fn(*leaves)), grads)
         sync(device)
-    return run
+    return run, fwd_bytes + out_bytes + 2 * nbytes(inputs[i] for i in grad_idx)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -100,7 +111,16 @@ def make_runner(op_name, impl, shape, device, mode, dtype=torch.float32):
 def test_op(benchmark, op_name, shape, mode, impl, device):
     benchmark.group = f"{op_name} {mode} {shape} {device}"
     benchmark.extra_info.update(op=op_name, shape=shape, mode=mode, impl=impl, device=device, **SHAPES[shape])
-    run = make_runner(op_name, impl, shape, device, mode)
+    run, moved = make_runner(op_name, impl, shape, device, mode)
     for _ in range(3):  # warm-up: compilation, allocator, caches
         run()
-    benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=2)
+    if device == "cuda":  # kernel timings without a warm L2: overwrite it before every round
+        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+
+        def flush_l2():
+            flush.zero_()
+
+        benchmark.pedantic(run, setup=flush_l2, rounds=30, iterations=1, warmup_rounds=2)
+    else:
+        benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=2)
+    benchmark.extra_info.update(bytes=moved, gb_per_s=moved / benchmark.stats.stats.median / 1e9)

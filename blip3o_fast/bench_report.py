@@ -1,9 +1,10 @@
 """Reads the benchmark history under bench/results/ (pytest-benchmark JSON files), prints the latest
 run as a table of medians and speed-ups, and plots the history.
 
-Every benchmark records `extra_info` with at least `group` fields and an `impl` (fused, eager,
-compiled, unfused, prior, ...): within a group, speed-ups are the other impls' medians over the
-fused one's (> 1 means fused is faster).
+Every benchmark records an `impl` in `extra_info` (fused, eager, compiled, unfused, prior, zero0, ...):
+within a group, the speed-up of the primary impl (fused, or zero0 for ZeRO stages) over another is
+the ratio of their samples/s when every impl records one (end-to-end runs whose wall time includes
+start-up), else the ratio of their median times (> 1 means the primary is faster).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-PRIMARY = ("fused", "fused_ops")  # the impl that speed-ups are measured for, first found
+PRIMARY = ("fused", "zero0")  # the impl that speed-ups are measured for, first found
 
 
 @dataclass
@@ -56,20 +57,27 @@ def load_history(results: Path) -> list[Run]:
 
 
 def speedups(run: Run) -> list[dict]:
-    """Per group: the fused median and every other impl's median / fused median."""
+    """Per group: every impl's median (ms) and samples/s, and the primary impl's speed-up over the others."""
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for row in run.rows:
         groups[row["group"]][row["impl"]] = row
     table = []
     for group, impls in sorted(groups.items()):
-        primary = next((p for p in PRIMARY if p in impls), None)
         entry = {"group": group, "medians_ms": {k: v["median_s"] * 1e3 for k, v in sorted(impls.items())}}
+        rates = {k: v["extra"]["samples_per_s"] for k, v in impls.items() if "samples_per_s" in v["extra"]}
+        if rates:
+            entry["samples_per_s"] = dict(sorted(rates.items()))
+        bandwidth = {k: v["extra"]["gb_per_s"] for k, v in impls.items() if "gb_per_s" in v["extra"]}
+        if bandwidth:
+            entry["gb_per_s"] = dict(sorted(bandwidth.items()))
+        primary = next((p for p in PRIMARY if p in impls), None)
         if primary is not None:
-            base = impls[primary]["median_s"]
-            entry["speedup"] = {k: v["median_s"] / base for k, v in sorted(impls.items()) if k != primary}
-            for key in ("samples_per_s", "tokens_per_s", "peak_mem_mb", "mb_per_s", "gb_per_s"):
-                if key in impls[primary]["extra"]:
-                    entry[key] = impls[primary]["extra"][key]
+            if len(rates) == len(impls):
+                entry["speedup"] = {k: rates[primary] / r for k, r in sorted(rates.items()) if k != primary}
+            else:
+                base = impls[primary]["median_s"]
+                entry["speedup"] = {k: v["median_s"] / base for k, v in sorted(impls.items()) if k != primary}
+            entry["primary"] = primary
         table.append(entry)
     return table
 
@@ -78,11 +86,18 @@ def format_table(run: Run) -> str:
     info = run.machine.get("blip3o_fast", {})
     lines = [f"{run.path.name}: {run.when}  device={info.get('device', '?')}  torch={info.get('torch', '?')}  "
              f"threads={info.get('threads', '?')}  commit={info.get('commit', '?')}"]
-    lines.append(f"{'group':44s} {'medians (ms)':48s} speed-up of fused")
     for entry in speedups(run):
-        medians = " ".join(f"{k}={v:.3g}" for k, v in entry["medians_ms"].items())
-        ups = " ".join(f"{k}:{v:.2f}x" for k, v in entry.get("speedup", {}).items())
-        lines.append(f"{entry['group']:44s} {medians:48s} {ups}")
+        lines.append(f"{entry['group']}")
+        medians = "  ".join(f"{k}={v:.3g}" for k, v in entry["medians_ms"].items())
+        lines.append(f"    median ms   {medians}")
+        if "samples_per_s" in entry:
+            rates = "  ".join(f"{k}={v:.1f}" for k, v in entry["samples_per_s"].items())
+            lines.append(f"    samples/s   {rates}")
+        if "gb_per_s" in entry:
+            lines.append("    GB/s        " + "  ".join(f"{k}={v:.1f}" for k, v in entry["gb_per_s"].items()))
+        if entry.get("speedup"):
+            ups = "  ".join(f"{k}:{v:.2f}x" for k, v in entry["speedup"].items())
+            lines.append(f"    {entry['primary']} vs   {ups}")
     return "\n".join(lines)
 
 
