@@ -50,8 +50,9 @@ cuda-check:
 	cd build/cuda/lib && PYTHONPATH=. ../../../$(CUDA_VENV)/bin/python ../../../tests/cuda_check.py
 
 # the CPU benchmark suite; each run adds a JSON (device, versions, commit inside) to bench/results/
-BENCH_DEVICE ?= $(shell $(PY) -c "import torch;print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
-BENCH_JSON ?= bench/results/$(shell date -u +%Y%m%d-%H%M%S)-$(BENCH_DEVICE).json
+ifndef BENCH_JSON  # expanded once: a recursive `date` would name a different file on each use
+BENCH_JSON := bench/results/$(shell date -u +%Y%m%d-%H%M%S)-$(shell $(PY) -c "import torch;print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null).json
+endif
 bench: setup
 	$(PY) -m pytest -q -p no:cacheprovider -o python_files='bench_*.py' bench --benchmark-json=$(BENCH_JSON) \
 		--benchmark-group-by=group --benchmark-columns=median,iqr --benchmark-sort=name $(PYTEST_ARGS)

@@ -85,6 +85,8 @@ def make_runner(op_name, impl, shape, device, mode, dtype=torch.float32):
         out_bytes = nbytes(call(ops.reference, inputs))
     fwd_bytes = nbytes(inputs) + out_bytes
     if impl == "compiled":
+        # every variant compiles the same lambda code object: past Dynamo's recompile limit it would run eager
+        torch._dynamo.reset()
         fn = torch.compile(fn, dynamic=False)
     if mode == "fwd":
         def run():

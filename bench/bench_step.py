@@ -25,6 +25,7 @@ import torch
 
 from blip3o_fast import flow
 from blip3o_fast.config import FlowConfig, TrainConfig, load_config
+from blip3o_fast.metrics import peak_flops, train_flops_per_sample
 from blip3o_fast.model import DiT
 from blip3o_fast.train import make_adamw
 from baselines.prior_dit import PriorStyleDiT, prior_training_loss
@@ -54,6 +55,8 @@ def make_step(case: str, variant: str, device: str):
         model.num_parameters = lambda: sum(p.numel() for p in model.parameters())
     else:
         model = DiT(model_cfg, task).to(device)
+    if variant.endswith("compiled"):
+        torch._dynamo.reset()  # a fresh cache per variant: no recompile limit carried over
     net = torch.compile(model, dynamic=False) if variant.endswith("compiled") else model
     if variant == "prior":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -143,6 +146,9 @@ def test_train_step(benchmark, case, variant, device):
                 peak_mb=(static_bytes(model, opt) + step_peak) / 2**20 if step_peak is not None else None,
                 step_peak_mb=step_peak / 2**20 if step_peak is not None else None,
                 warmup_s=warmup_s, threads=torch.get_num_threads())
+    if variant != "prior":
+        peak = peak_flops(torch.device(device))
+        info["mfu"] = info["samples_per_s"] * train_flops_per_sample(model) / peak if peak else None
     benchmark.extra_info.update(info)
     RESULTS[(case, variant)] = info
 

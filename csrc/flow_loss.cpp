@@ -43,11 +43,10 @@ B3F_ALWAYS_INLINE void interpolate_bwd_range(const InterpArgs<scalar_t>& a, int6
   using acc = acc_t<scalar_t>;
   for_sample_segments(a, begin, end, [&](int64_t b, int64_t i0, int64_t i1) {
     const acc t = a.t[b];
-    for (int64_t i = i0; i < i1; ++i) {
-      const acc g = static_cast<acc>(a.a[i]);
-      a.out[i] = static_cast<scalar_t>(t * g);
-      a.out0[i] = static_cast<scalar_t>((acc(1) - t) * g);
-    }
+    if (a.out)
+      for (int64_t i = i0; i < i1; ++i) a.out[i] = static_cast<scalar_t>(t * static_cast<acc>(a.a[i]));
+    if (a.out0)
+      for (int64_t i = i0; i < i1; ++i) a.out0[i] = static_cast<scalar_t>((acc(1) - t) * static_cast<acc>(a.a[i]));
   });
 }
 
@@ -170,9 +169,10 @@ at::Tensor flow_interpolate_cpu(const at::Tensor& x1, const at::Tensor& x0, cons
   return interpolate(x1, x0, t, CpuInterpolate{});
 }
 
-std::tuple<at::Tensor, at::Tensor> flow_interpolate_bwd_cpu(const at::Tensor& grad, const at::Tensor& t) {
+std::tuple<at::Tensor, at::Tensor> flow_interpolate_bwd_cpu(const at::Tensor& grad, const at::Tensor& t, bool need_x1,
+                                                             bool need_x0) {
   check_cpu(grad, "grad_x_t");
-  return interpolate_bwd(grad, t, CpuInterpolateBwd{});
+  return interpolate_bwd(grad, t, need_x1, need_x0, CpuInterpolateBwd{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_cpu(const at::Tensor& v, const at::Tensor& x1,

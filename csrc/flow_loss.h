@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -45,8 +46,8 @@ struct InterpArgs {
   const scalar_t* a;  // x1, or grad_x_t in the backward
   const scalar_t* x0 = nullptr;
   const acc_t<scalar_t>* t;
-  scalar_t* out;       // x_t, or grad_x1 in the backward
-  scalar_t* out0 = nullptr;  // grad_x0 in the backward
+  scalar_t* out;       // x_t, or grad_x1 in the backward (nullptr when not requested)
+  scalar_t* out0 = nullptr;  // grad_x0 in the backward (nullptr when not requested)
   int64_t B, per_sample;   // per_sample = S·C
 };
 
@@ -85,15 +86,19 @@ at::Tensor interpolate(const at::Tensor& x1_in, const at::Tensor& x0_in, const a
 }
 
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor> interpolate_bwd(const at::Tensor& grad_in, const at::Tensor& t_in, Launch&& launch) {
+std::tuple<at::Tensor, at::Tensor> interpolate_bwd(const at::Tensor& grad_in, const at::Tensor& t_in, bool need_x1,
+                                                   bool need_x0, Launch&& launch) {
   check_tokens(grad_in, "grad_x_t");
   check_per_sample(grad_in, t_in, "t");
   const auto grad = grad_in.contiguous(), t = per_sample_acc(grad_in, t_in);
-  auto grad_x1 = at::empty(grad.sizes(), grad.options()), grad_x0 = at::empty(grad.sizes(), grad.options());
-  if (grad.numel() == 0) return {grad_x1, grad_x0};
+  const std::vector<int64_t> empty_shape{0};
+  at::Tensor grad_x1 = at::empty(need_x1 ? grad.sizes() : at::IntArrayRef(empty_shape), grad.options());
+  at::Tensor grad_x0 = at::empty(need_x0 ? grad.sizes() : at::IntArrayRef(empty_shape), grad.options());
+  if (grad.numel() == 0 || !(need_x1 || need_x0)) return {grad_x1, grad_x0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "flow_interpolate_bwd", [&] {
     InterpArgs<scalar_t> a{grad.data_ptr<scalar_t>(), nullptr, t.data_ptr<acc_t<scalar_t>>(),
-                           grad_x1.data_ptr<scalar_t>(), grad_x0.data_ptr<scalar_t>(), grad.size(0),
+                           need_x1 ? grad_x1.data_ptr<scalar_t>() : nullptr,
+                           need_x0 ? grad_x0.data_ptr<scalar_t>() : nullptr, grad.size(0),
                            grad.size(1) * grad.size(2)};
     launch(a);
   });

@@ -33,8 +33,8 @@ __global__ void interpolate_bwd_kernel(const InterpArgs<scalar_t> a) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const acc t = a.t[i / a.per_sample], g = static_cast<acc>(a.a[i]);
-    a.out[i] = static_cast<scalar_t>(t * g);
-    a.out0[i] = static_cast<scalar_t>((acc(1) - t) * g);
+    if (a.out) a.out[i] = static_cast<scalar_t>(t * g);
+    if (a.out0) a.out0[i] = static_cast<scalar_t>((acc(1) - t) * g);
   }
 }
 
@@ -161,10 +161,11 @@ at::Tensor flow_interpolate_cuda(const at::Tensor& x1, const at::Tensor& x0, con
   return interpolate(x1, x0, t, CudaInterpolate{});
 }
 
-std::tuple<at::Tensor, at::Tensor> flow_interpolate_bwd_cuda(const at::Tensor& grad, const at::Tensor& t) {
+std::tuple<at::Tensor, at::Tensor> flow_interpolate_bwd_cuda(const at::Tensor& grad, const at::Tensor& t, bool need_x1,
+                                                              bool need_x0) {
   check_cuda(grad, "grad_x_t");
   const c10::cuda::CUDAGuard guard(grad.device());
-  return interpolate_bwd(grad, t, CudaInterpolateBwd{});
+  return interpolate_bwd(grad, t, need_x1, need_x0, CudaInterpolateBwd{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_cuda(const at::Tensor& v, const at::Tensor& x1,

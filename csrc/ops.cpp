@@ -24,7 +24,9 @@ TORCH_LIBRARY(blip3o_fast, m) {
 
   // rectified flow: x_t = (1 - t) x0 + t x1; loss = sum_b w_b mean_{s,c} (v - (x1 - x0))^2 / B
   m.def("flow_interpolate(Tensor x1, Tensor x0, Tensor t) -> Tensor");
-  m.def("flow_interpolate_bwd(Tensor grad_x_t, Tensor t) -> (Tensor grad_x1, Tensor grad_x0)");
+  // only the requested gradients are computed; an unrequested one is returned empty ([0])
+  m.def("flow_interpolate_bwd(Tensor grad_x_t, Tensor t, bool need_x1=True, bool need_x0=True)"
+        " -> (Tensor grad_x1, Tensor grad_x0)");
   m.def("flow_matching_loss(Tensor v, Tensor x1, Tensor x0, Tensor t, Tensor? weight)"
         " -> (Tensor loss, Tensor per_sample_mse, Tensor per_sample_cos)");
   // grad_per_sample[b] = dL/dper_sample_mse[b] (w_b·dloss/B from the loss): dv = 2·g_b·(v - u)/(S·C)

@@ -130,6 +130,8 @@ def trace_with_fake_cuda_tensors() -> None:
             t = torch.rand(B, device=dev)
             x_t = op.flow_interpolate(x1, x0, t)
             d1, d0 = op.flow_interpolate_bwd(x_t, t)
+            only1, none0 = op.flow_interpolate_bwd(x_t, t, True, False)
+            check(only1.shape == x1.shape and none0.shape == (0,), f"flow_interpolate_bwd {dtype} computes only what is asked")
             loss, mse, cos = op.flow_matching_loss(x_t, x1, x0, t, torch.ones(B, device=dev))
             dv = op.flow_matching_loss_bwd(mse, x_t, x1, x0)
             check(x_t.shape == x1.shape and d0.shape == x1.shape and loss.shape == () and mse.shape == (B,)

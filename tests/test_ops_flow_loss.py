@@ -43,6 +43,23 @@ def test_interpolate_matches_reference(device, dtype, shape):
         assert_close_to_gold(a, r, g, name)
 
 
+@pytest.mark.parametrize("need", [(True, False), (False, True)])
+def test_interpolate_backward_computes_only_requested_grads(need):
+    _, x1, x0, t, _ = flow_inputs(2, 5, 7, torch.float64, "cpu")
+    grad = torch.randn(2, 5, 7, dtype=torch.float64)
+    a, b = x1.clone().requires_grad_(need[0]), x0.clone().requires_grad_(need[1])
+    fused.flow_interpolate(a, b, t).backward(grad)
+    tt = t[:, None, None]
+    if need[0]:
+        torch.testing.assert_close(a.grad, tt * grad)
+        assert b.grad is None
+    else:
+        torch.testing.assert_close(b.grad, (1 - tt) * grad)
+        assert a.grad is None
+    d1, d0 = torch.ops.blip3o_fast.flow_interpolate_bwd(grad, t, *need)
+    assert (d1.numel() > 0, d0.numel() > 0) == need
+
+
 def test_interpolate_convention():
     """t = 0 is pure noise, t = 1 is data."""
     _, x1, x0, _, _ = flow_inputs(3, 4, 5, torch.float32, "cpu")
@@ -119,6 +136,8 @@ def test_opcheck(device):
     torch.library.opcheck(op.flow_interpolate, (x1, x0, t))
     torch.library.opcheck(op.flow_interpolate, (x1.clone().requires_grad_(True), x0, t))
     torch.library.opcheck(op.flow_interpolate_bwd, (x1, t))
+    torch.library.opcheck(op.flow_interpolate_bwd, (x1, t, True, False))
+    torch.library.opcheck(op.flow_interpolate_bwd, (x1, t, False, True))
     torch.library.opcheck(op.flow_matching_loss, (v, x1, x0, t, w))
     torch.library.opcheck(op.flow_matching_loss, (v.clone().requires_grad_(True), x1, x0, t, None))
     torch.library.opcheck(op.flow_matching_loss_bwd, (w, v, x1, x0))

@@ -139,8 +139,9 @@ def _flow_interpolate_fake(x1, x0, t):
 
 
 @torch.library.register_fake("blip3o_fast::flow_interpolate_bwd")
-def _flow_interpolate_bwd_fake(grad_x_t, t):
-    return grad_x_t.new_empty(grad_x_t.shape), grad_x_t.new_empty(grad_x_t.shape)
+def _flow_interpolate_bwd_fake(grad_x_t, t, need_x1=True, need_x0=True):
+    shape = lambda need: grad_x_t.shape if need else (0,)  # noqa: E731
+    return grad_x_t.new_empty(shape(need_x1)), grad_x_t.new_empty(shape(need_x0))
 
 
 def _flow_interpolate_setup(ctx, inputs, output):
@@ -149,14 +150,11 @@ def _flow_interpolate_setup(ctx, inputs, output):
 
 def _flow_interpolate_backward(ctx, grad_x_t):
     (t,) = ctx.saved_tensors
-    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+    need_x1, need_x0 = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_x1 or need_x0):
         return None, None, None
-    grad_x1, grad_x0 = _ops.flow_interpolate_bwd(grad_x_t, t)
-    return (
-        grad_x1 if ctx.needs_input_grad[0] else None,
-        grad_x0 if ctx.needs_input_grad[1] else None,
-        None,
-    )
+    grad_x1, grad_x0 = _ops.flow_interpolate_bwd(grad_x_t, t, need_x1, need_x0)
+    return grad_x1 if need_x1 else None, grad_x0 if need_x0 else None, None
 
 
 torch.library.register_autograd(
