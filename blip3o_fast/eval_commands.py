@@ -68,5 +68,4 @@ def add_commands(sub) -> None:
                    help="evaluate at most this many samples, 0 for all (default: eval.max_samples)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed")
     p.add_argument("--out", default=None, help="folder for the report (default: <run>/eval)")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=run)

@@ -27,6 +27,5 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint of the run folder, if any), none, or a checkpoint folder")
-    p.add_argument("--local_rank", type=int, default=None, help=__import__("argparse").SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.set_defaults(run=run)

@@ -82,6 +82,46 @@ def test_exact_resume_one_process(small_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_exact_resume_with_gradient_accumulation(small_data, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(small_data, straight, 4, "train.ckpt_every=100", "train.grad_accum=2")
+    run_train(small_data, resumed, 2, "train.ckpt_every=100", "train.grad_accum=2")
+    run_train(small_data, resumed, 4, "train.ckpt_every=100", "train.grad_accum=2")
+    assert losses(resumed) == losses(straight) and sorted(losses(straight)) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_sigkill_resumes_from_the_last_complete_checkpoint(small_data, tmp_path):
+    """Kill -9 mid-run: the next run resumes from the newest *complete* checkpoint and repeats the
+    killed run's losses from there on."""
+    run = tmp_path / "killed"
+    args = ("train.ckpt_every=3", "train.keep_last=10")
+    proc = subprocess.Popen(train_cmd(small_data, run, 100000, *args), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 8):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    before = losses(run)
+    last = int(complete_checkpoints(run)[-1].split("-")[1])
+    assert last >= 3 and max(before) >= last
+    resumed = subprocess.Popen(train_cmd(small_data, run, 100000, *args), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    while time.time() < deadline and not (len(losses(run)) >= max(before) + 2 and max(losses(run)) > max(before)):
+        assert resumed.poll() is None, resumed.communicate()[1][-3000:]
+        time.sleep(0.2)
+    resumed.send_signal(signal.SIGTERM)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step-{last:07d}'} at step {last}" in out
+    after = losses(run)
+    for step in range(last + 1, max(before) + 1):
+        assert after[step] == before[step], step
+
+
+@pytest.mark.slow
 def test_exact_resume_two_processes(small_data, tmp_path):
     straight = tmp_path / "straight"
     run_train(small_data, straight, 4, "train.ckpt_every=100", procs=2)
@@ -90,6 +130,19 @@ def test_exact_resume_two_processes(small_data, tmp_path):
     run_train(small_data, resumed, 4, "train.ckpt_every=100", procs=2)
     assert losses(resumed) == losses(straight)
     assert sorted(p.name for p in (resumed / "checkpoints" / "step-0000004").glob("rank-*.pt")) == \
+        ["rank-00000.pt", "rank-00001.pt"]
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_processes(small_data, tmp_path):
+    """`deepspeed --num_gpus N --module blip3o_fast.cli train ...` (it passes --local_rank before the command)."""
+    run = tmp_path / "ds"
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", "2", "--module", "blip3o_fast.cli", *train_cmd(small_data, run, 2)[3:]]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sorted(losses(run)) == [1, 2] and complete_checkpoints(run) == ["step-0000002"]
+    assert sorted(p.name for p in (run / "checkpoints" / "step-0000002").glob("rank-*.pt")) == \
         ["rank-00000.pt", "rank-00001.pt"]
 
 
@@ -179,6 +232,17 @@ def test_config_errors_are_one_line(small_data, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("blip3o-fast train: error:") and "4096" in last and "64" in last
     assert "Traceback" not in result.stderr
+
+
+def test_overrides_may_come_between_options():
+    from blip3o_fast.cli import build_parser, main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--config", "x.yaml", "--bogus"])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(["--local_rank=1", "train", "--config", "c.yaml", "a.b=1", "--out", "o",
+                                           "c.d=2"])
+    assert args.local_rank == 1 and args.overrides == ["a.b=1"] and extra == ["c.d=2"]
 
 
 def test_lr_schedule():
