@@ -1,6 +1,7 @@
 """Each fused op, forward and forward+backward: fused vs its eager reference vs torch.compile of the
-reference, at the base model's shapes (B·S = 4·256 tokens, C = 768, 12 heads of 64, target dim 1024)
-and the tiny demo model's (32·65 tokens, C = 128, 4 heads of 32, target dim 32).
+reference, at the base model's shapes (B·S = 4·256 tokens, C = 768, 12 heads of 64, SwiGLU width
+2048, target dim 1024) and the tiny demo model's (32·65 tokens, C = 128, 4 heads of 32, width 384,
+target dim 32).
 
     pytest bench/bench_ops.py --benchmark-group-by=group
 
@@ -46,6 +47,11 @@ def gated_inputs(s, device, dtype):
     return [x, y, mod[:, :C], mod[:, C:2 * C], mod[:, 2 * C:]], [0, 1, 2, 3, 4]
 
 
+def swiglu_inputs(s, device, dtype):
+    width = 64 * -(-2 * 4 * s["C"] // 3 // 64)  # the model's SwiGLU width for hidden C, mlp_ratio 4
+    return [torch.randn(s["B"], s["S"], 2 * width, device=device, dtype=dtype)], [0]
+
+
 def flow_inputs(s, device, dtype):
     shape = (s["B"], s["S"], s["T"])
     x1, x0, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
@@ -64,6 +70,7 @@ OPS = {
     "rope3d": (rope_inputs, lambda o, a: o.rope3d(*a)),
     "adaln_modulate": (modulate_inputs, lambda o, a: o.adaln_modulate(*a, EPS, "layer")[:1]),
     "gated_residual_adaln": (gated_inputs, lambda o, a: o.gated_residual_adaln(*a, EPS, "layer")[:2]),
+    "swiglu": (swiglu_inputs, lambda o, a: (o.swiglu(*a),)),
     "flow_interpolate": (interp_inputs, lambda o, a: (o.flow_interpolate(*a),)),
     "flow_matching_loss": (flow_inputs, lambda o, a: o.flow_matching_loss(*a)[:1]),
 }

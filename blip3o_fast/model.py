@@ -132,10 +132,9 @@ class Mlp(nn.Module):
         self.w1 = nn.Linear(cfg.hidden_size, 2 * width if self.swiglu else width)
         self.w2 = nn.Linear(width, cfg.hidden_size)
 
-    def forward(self, h: Tensor) -> Tensor:
-        if self.swiglu:
-            a, b = self.w1(h).chunk(2, dim=-1)
-            return self.w2(nn.functional.silu(a) * b)
+    def forward(self, h: Tensor, o) -> Tensor:
+        if self.swiglu:  # one fused pass over [a | b]; its backward writes the [a | b] gradient in place of a cat
+            return self.w2(o.swiglu(self.w1(h)))
         return self.w2(nn.functional.gelu(self.w1(h), approximate="tanh"))
 
 
@@ -159,7 +158,7 @@ class DiTBlock(nn.Module):
                                             self.eps, self.norm)
         x, h, _, _ = o.gated_residual_adaln(x, self.cross_attn(h, kv, rope_cross, o), gate_mca, shift_mlp,
                                             scale_mlp, self.eps, self.norm)
-        x, h, _, _ = o.gated_residual_adaln(x, self.mlp(h), gate_mlp, next_shift, next_scale, self.eps, self.norm)
+        x, h, _, _ = o.gated_residual_adaln(x, self.mlp(h, o), gate_mlp, next_shift, next_scale, self.eps, self.norm)
         return x, h
 
 

@@ -44,6 +44,8 @@ using GatedBwdFn = std::tuple<T, T, T, T, T>(const T&, const T&, const T&, const
 using InterpFn = T(const T&, const T&, const T&);
 using LossFn = std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const c10::optional<T>&);
 using LossBwdFn = T(const T&, const T&, const T&, const T&);
+using SwigluFn = T(const T&);
+using SwigluBwdFn = T(const T&, const T&);
 
 // ---- naive loops ------------------------------------------------------------------------------
 
@@ -237,6 +239,31 @@ void test_flow() {
   check_close(dv, numeric_grad(f, v, one), 1e-7, "flow_matching_loss_bwd dv vs finite differences");
 }
 
+void test_swiglu() {
+  std::printf("swiglu\n");
+  auto swiglu = op<SwigluFn>("blip3o_fast::swiglu");
+  auto swiglu_bwd = op<SwigluBwdFn>("blip3o_fast::swiglu_bwd");
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    auto ab = (at::randn({5, 7, 2 * 43}) * 4).to(dtype);
+    const auto abd = ab.to(at::kDouble);
+    auto naive = at::empty({5, 7, 43}, at::kDouble);
+    auto in = abd.accessor<double, 3>();
+    auto out = naive.accessor<double, 3>();
+    for (int64_t i = 0; i < 5; ++i)
+      for (int64_t j = 0; j < 7; ++j)
+        for (int64_t c = 0; c < 43; ++c) {
+          const double a = in[i][j][c], b = in[i][j][43 + c];
+          out[i][j][c] = a / (1.0 + std::exp(-a)) * b;
+        }
+    check_close(swiglu.call(ab), naive, dtype == at::kFloat ? 1e-5 : 1e-12,
+                std::string("swiglu vs naive loop, ") + c10::toString(dtype));
+  }
+  auto ab = at::randn({3, 2 * 5}, at::kDouble);
+  auto g = at::randn({3, 5}, at::kDouble);
+  check_close(swiglu_bwd.call(g, ab), numeric_grad([&] { return swiglu.call(ab); }, ab, g), 1e-6,
+              "swiglu_bwd vs finite differences");
+}
+
 }  // namespace
 
 int main() {
@@ -244,6 +271,7 @@ int main() {
   test_rope();
   test_adaln();
   test_flow();
+  test_swiglu();
   std::printf("%d failure(s)\n", failures);
   return failures;
 }

@@ -22,6 +22,10 @@ TORCH_LIBRARY(blip3o_fast, m) {
         " Tensor scale, Tensor mean, Tensor rstd, str norm)"
         " -> (Tensor grad_x, Tensor grad_y, Tensor grad_gate, Tensor grad_shift, Tensor grad_scale)");
 
+  // SwiGLU of a fused [a | b] projection: silu(a)·b over the last dim ([..., 2F] -> [..., F])
+  m.def("swiglu(Tensor ab) -> Tensor");
+  m.def("swiglu_bwd(Tensor grad, Tensor ab) -> Tensor grad_ab");
+
   // rectified flow: x_t = (1 - t) x0 + t x1; loss = sum_b w_b mean_{s,c} (v - (x1 - x0))^2 / B
   m.def("flow_interpolate(Tensor x1, Tensor x0, Tensor t) -> Tensor");
   // only the requested gradients are computed; an unrequested one is returned empty ([0])

@@ -24,7 +24,7 @@ from blip3o_fast.ops import _extension
 OPS = [
     "rope3d", "rope3d_bwd", "adaln_modulate", "adaln_modulate_bwd", "gated_residual_adaln",
     "gated_residual_adaln_bwd", "flow_interpolate", "flow_interpolate_bwd", "flow_matching_loss",
-    "flow_matching_loss_bwd",
+    "flow_matching_loss_bwd", "swiglu", "swiglu_bwd",
 ]
 
 
@@ -124,6 +124,10 @@ def trace_with_fake_cuda_tensors() -> None:
                 check(out.shape == x.shape and rstd.shape == (B, S) and rstd.dtype == torch.float32
                       and dx.shape == x.shape and dshift.shape == (B, C) and len(grads) == 5
                       and grads[2].shape == (B, C) and h.device.type == "cuda", f"adaln {norm} {dtype} forward and backward")
+
+            ab = torch.randn(B, S, 2 * 2048, device=dev, dtype=dtype)
+            out = op.swiglu(ab)
+            check(out.shape == (B, S, 2048) and op.swiglu_bwd(out, ab).shape == ab.shape, f"swiglu {dtype} forward and backward")
 
             x1 = torch.randn(B, S, 1024, device=dev, dtype=dtype)
             x0 = torch.randn(B, S, 1024, device=dev, dtype=dtype)

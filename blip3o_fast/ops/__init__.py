@@ -6,6 +6,7 @@ use) or `reference`. Both expose the same functions with the same outputs:
     rope3d(q, k, cos_q, sin_q, cos_k, sin_k) -> (q_rot, k_rot)
     adaln_modulate(x, shift, scale, eps, norm) -> (y, mean, rstd)
     gated_residual_adaln(x, y, gate, shift, scale, eps, norm) -> (x_new, h, mean, rstd)
+    swiglu(ab) -> silu(a)·b of ab = [a | b]
     flow_interpolate(x1, x0, t) -> x_t
     flow_matching_loss(v, x1, x0, t, weight=None) -> (loss, per_sample_mse, per_sample_cos)
 """

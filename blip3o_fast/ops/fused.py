@@ -129,6 +129,36 @@ def gated_residual_adaln(
     return _ops.gated_residual_adaln(x, y, gate, shift, scale, eps, norm)
 
 
+# -- swiglu ---------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("blip3o_fast::swiglu")
+def _swiglu_fake(ab):
+    torch._check(ab.dim() >= 1 and ab.shape[-1] % 2 == 0, lambda: "ab's last dim must be even ([a | b])")
+    return ab.new_empty((*ab.shape[:-1], ab.shape[-1] // 2))
+
+
+@torch.library.register_fake("blip3o_fast::swiglu_bwd")
+def _swiglu_bwd_fake(grad, ab):
+    return ab.new_empty(ab.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_backward(ctx, grad):
+    (ab,) = ctx.saved_tensors
+    return _ops.swiglu_bwd(grad, ab)
+
+
+torch.library.register_autograd("blip3o_fast::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
+
+
+def swiglu(ab: Tensor) -> Tensor:
+    return _ops.swiglu(ab)
+
+
 # -- flow matching --------------------------------------------------------------------------------
 
 

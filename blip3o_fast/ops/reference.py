@@ -66,6 +66,15 @@ def gated_residual_adaln(
     return x_new, h, mean, rstd
 
 
+# -- swiglu ---------------------------------------------------------------------------------------
+
+
+def swiglu(ab: Tensor) -> Tensor:
+    """silu(a)·b of ab = [a | b] split in halves over the last dim: [..., 2F] -> [..., F]."""
+    a, b = ab.to(acc_dtype(ab.dtype)).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(a) * b).to(ab.dtype)
+
+
 # -- flow matching --------------------------------------------------------------------------------
 
 
