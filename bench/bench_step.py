@@ -3,6 +3,10 @@
 ("fused+compiled", what train.compile=true runs), beside the prior projects' style of model at the
 same size ("prior", bench/baselines/prior_dit.py).
 
+"-bf16" variants run in bfloat16 (ours: bf16 weights and activations, as DeepSpeed's bf16 mode runs the
+model; the prior: bf16 autocast over fp32 weights, as it ran fp16 autocast on GPU). On a CPU with AMX
+this is where the matmuls get fast; fp32 against fp32 and bf16 against bf16 are the like-for-like ratios.
+
 Cases: the tiny model on the demo task (the CPU demo's workload) and the small model on the real
 eva_to_clip shapes (condition [256, 4096] -> target [257, 1024]), where the prior style's per-block
 projection of the 4096-d condition shows. Our variants use torch's fused AdamW where this torch has
@@ -10,7 +14,10 @@ it for the device (as the trainer does); the prior style uses the default AdamW,
 
     pytest bench/bench_step.py --benchmark-group-by=group -s
 
-Reports samples/s, tokens/s and peak memory in `extra_info` and prints the speed ratios at the end.
+Reports samples/s, tokens/s, peak memory and the matmul FLOPs of a step (counted by torch's
+FlopCounterMode on the same step with SDPA's math kernel, so attention counts too; elementwise work does
+not) in `extra_info`, and prints the speed ratios and achieved GFLOP/s at the end: where a variant is
+bound by its matmuls, its speed-up over another cannot exceed their FLOP ratio.
 Peak memory is parameters, gradients and AdamW state plus the peak of what one step allocates on top
 (CPU: the profiler's allocation events; CUDA: the allocator's peak). fp32 throughout on CPU.
 """
@@ -22,6 +29,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from blip3o_fast import flow
 from blip3o_fast.config import FlowConfig, TrainConfig, load_config
@@ -34,16 +43,19 @@ from conftest import sync
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # case -> (model size, task, batch, rounds, variants)
 CASES = {
-    "tiny-demo": ("tiny", "demo", 32, 10, ["fused", "unfused", "compiled", "fused+compiled", "prior"]),
-    "small-eva_to_clip": ("small", "eva_to_clip", 2, 3, ["fused", "unfused", "prior"]),
+    "tiny-demo": ("tiny", "demo", 32, 10,
+                  ["fused", "unfused", "compiled", "fused+compiled", "prior", "fused-bf16", "prior-bf16"]),
+    "small-eva_to_clip": ("small", "eva_to_clip", 2, 3, ["fused", "unfused", "prior", "fused-bf16", "prior-bf16"]),
 }
-VARIANTS = ["fused", "unfused", "compiled", "fused+compiled", "prior"]
+VARIANTS = ["fused", "unfused", "compiled", "fused+compiled", "prior", "fused-bf16", "prior-bf16"]
 RESULTS: dict[tuple[str, str], dict] = {}
 
 
 def make_step(case: str, variant: str, device: str):
     """A closure running one optimizer step, its model and optimizer."""
     size, task_name, batch = CASES[case][:3]
+    bf16 = variant.endswith("-bf16")
+    variant = variant.removesuffix("-bf16")
     fused = variant in ("fused", "fused+compiled")
     model_cfg = load_config(CONFIGS / "model" / f"{size}.yaml", [f"model.fused_ops={fused}"]).model
     task = load_config(CONFIGS / "task" / f"{task_name}.yaml").task
@@ -54,7 +66,7 @@ def make_step(case: str, variant: str, device: str):
         model.task = task
         model.num_parameters = lambda: sum(p.numel() for p in model.parameters())
     else:
-        model = DiT(model_cfg, task).to(device)
+        model = DiT(model_cfg, task).to(device, torch.bfloat16 if bf16 else torch.float32)
     if variant.endswith("compiled"):
         torch._dynamo.reset()  # a fresh cache per variant: no recompile limit carried over
     net = torch.compile(model, dynamic=False) if variant.endswith("compiled") else model
@@ -63,15 +75,17 @@ def make_step(case: str, variant: str, device: str):
     else:
         opt = make_adamw(model, TrainConfig(lr=1e-4), torch.device(device))
     gen = torch.Generator(device).manual_seed(0)
-    target = torch.randn(batch, task.target_tokens, task.target_dim, device=device)
-    cond = torch.randn(batch, task.cond_tokens, task.cond_dim, device=device)
+    data_dtype = torch.bfloat16 if bf16 and variant != "prior" else torch.float32
+    target = torch.randn(batch, task.target_tokens, task.target_dim, device=device).to(data_dtype)
+    cond = torch.randn(batch, task.cond_tokens, task.cond_dim, device=device).to(data_dtype)
     flow_cfg = FlowConfig()
 
-    scaler = torch.amp.GradScaler("cuda") if variant == "prior" and device == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if variant == "prior" and device == "cuda" and not bf16 else None
+    autocast = torch.bfloat16 if bf16 else torch.float16
 
     def step():
         if variant == "prior":  # as the prior projects ran: fp16 autocast and a loss scaler on GPU
-            with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
+            with torch.autocast(device, dtype=autocast, enabled=scaler is not None or bf16):
                 loss = prior_training_loss(net, target, cond, gen)
         else:
             loss, _ = flow.training_loss(net, target, cond, flow_cfg, gen)
@@ -128,6 +142,21 @@ def peak_step_bytes(step, device: str) -> int | None:
         return None
 
 
+FLOPS: dict[tuple[str, str], int] = {}
+
+
+def step_matmul_flops(case: str, variant: str, device: str) -> int:
+    """Matmul FLOPs of one training step (batch of the case) of the variant's model family, counted on an
+    eager step with SDPA's math kernel (its fused CPU/GPU kernels are invisible to the counter)."""
+    family = "prior" if variant.startswith("prior") else "ours"
+    if (case, family) not in FLOPS:
+        step, _, _ = make_step(case, "prior" if family == "prior" else "unfused", device)
+        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+            step()
+        FLOPS[(case, family)] = counter.get_total_flops()
+    return FLOPS[(case, family)]
+
+
 @pytest.mark.parametrize("case,variant", [(c, v) for c, spec in CASES.items() for v in spec[4]])
 def test_train_step(benchmark, case, variant, device):
     benchmark.group = f"train step {case} {device}"
@@ -145,8 +174,10 @@ def test_train_step(benchmark, case, variant, device):
                 tokens_per_s=batch * model.task.target_tokens / stats.median,
                 peak_mb=(static_bytes(model, opt) + step_peak) / 2**20 if step_peak is not None else None,
                 step_peak_mb=step_peak / 2**20 if step_peak is not None else None,
-                warmup_s=warmup_s, threads=torch.get_num_threads())
-    if variant != "prior":
+                warmup_s=warmup_s, threads=torch.get_num_threads(),
+                gflop_per_sample=step_matmul_flops(case, variant, device) / batch / 1e9)
+    info["gflop_per_s"] = info["gflop_per_sample"] * info["best_samples_per_s"]
+    if not variant.startswith("prior"):
         peak = peak_flops(torch.device(device))
         info["mfu"] = info["samples_per_s"] * train_flops_per_sample(model) / peak if peak else None
     benchmark.extra_info.update(info)
@@ -154,18 +185,21 @@ def test_train_step(benchmark, case, variant, device):
 
 
 def test_report_ratios(capsys):
-    """Prints samples/s, peak memory and the speed ratios against unfused and prior (runs last in this file).
+    """Prints samples/s, peak memory, matmul GFLOP and the speed ratios against unfused, the prior style at
+    the same precision and the prior style as it ran in fp32 on CPU (runs last in this file).
 
     Ratios use each variant's best round: on a shared machine other load only ever adds time."""
     lines = [f"{'case':18} {'variant':14} {'samples/s':>10} {'best':>8} {'vs unfused':>10} {'vs prior':>9} "
-             f"{'peak MB':>8} {'step MB':>8}"]
+             f"{'vs prior fp32':>13} {'GFLOP/sample':>12} {'GFLOP/s':>8} {'peak MB':>8} {'step MB':>8}"]
     for (case, variant), info in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
         ratios = []
-        for ref in ("unfused", "prior"):
+        same_precision_prior = "prior-bf16" if variant.endswith("-bf16") else "prior"
+        for ref in ("unfused", same_precision_prior, "prior"):
             base = RESULTS.get((case, ref))
             ratios.append(info["best_samples_per_s"] / base["best_samples_per_s"] if base else float("nan"))
         mb = [f"{info[k]:.1f}" if info[k] is not None else "-" for k in ("peak_mb", "step_peak_mb")]
         lines.append(f"{case:18} {variant:14} {info['samples_per_s']:10.1f} {info['best_samples_per_s']:8.1f} "
-                     f"{ratios[0]:10.2f} {ratios[1]:9.2f} {mb[0]:>8} {mb[1]:>8}")
+                     f"{ratios[0]:10.2f} {ratios[1]:9.2f} {ratios[2]:13.2f} {info['gflop_per_sample']:12.3f} "
+                     f"{info['gflop_per_s']:8.1f} {mb[0]:>8} {mb[1]:>8}")
     with capsys.disabled():
         print("\n" + "\n".join(lines))

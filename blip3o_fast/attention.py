@@ -46,9 +46,14 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        # CPU SDPA's bf16 kernels are 1.2-5x slower than its float32 one, forward and backward (head dims
+        # 32-64, bench/bench_step.py): the casts cost less than they save, and the softmax gains precision
+        q, k, v = q.float(), k.float(), v.float()
     # SDPA wants [B, H, S, D]: transposed views, no copies
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).to(dtype)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:

@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "cpu_convert.h"
 #include "adaln.h"
 #include "adaln_math.h"
 
@@ -33,13 +34,13 @@ B3F_ALWAYS_INLINE void forward_rows(const FwdArgs<scalar_t>& a, int64_t begin, i
       scalar_t* x_new = a.x_new + row * C;
       for (int64_t c = 0; c < C; ++c) {
         // statistics of x_new as stored, which is what the backward sees
-        const scalar_t stored = static_cast<scalar_t>(
-            gated_residual<acc>(static_cast<acc>(x[c]), static_cast<acc>(y[c]), static_cast<acc>(gate[c])));
+        const scalar_t stored = store<scalar_t>(
+            gated_residual<acc>(load(x[c]), load(y[c]), load(gate[c])));
         x_new[c] = stored;
-        v[c] = static_cast<acc>(stored);
+        v[c] = load(stored);
       }
     } else {
-      for (int64_t c = 0; c < C; ++c) v[c] = static_cast<acc>(x[c]);
+      for (int64_t c = 0; c < C; ++c) v[c] = load(x[c]);
     }
     acc mean = 0;
     if (a.layer) {
@@ -58,8 +59,8 @@ B3F_ALWAYS_INLINE void forward_rows(const FwdArgs<scalar_t>& a, int64_t begin, i
     const scalar_t* scale = a.scale + b * a.scale_stride;
     scalar_t* out = a.out + row * C;
     for (int64_t c = 0; c < C; ++c)
-      out[c] = static_cast<scalar_t>(
-          modulate<acc>(normalized<acc>(v[c], mean, rstd), static_cast<acc>(shift[c]), static_cast<acc>(scale[c])));
+      out[c] = store<scalar_t>(
+          modulate<acc>(normalized<acc>(v[c], mean, rstd), load(shift[c]), load(scale[c])));
   }
 }
 
@@ -85,9 +86,9 @@ B3F_ALWAYS_INLINE void backward_chunk(const BwdArgs<scalar_t>& a, int64_t b, int
     acc sum_g = 0, sum_gx = 0;
 #pragma omp simd reduction(+ : sum_g, sum_gx)
     for (int64_t c = 0; c < C; ++c) {
-      const acc d = static_cast<acc>(dh[c]);
-      xhat[c] = normalized<acc>(static_cast<acc>(x[c]), mean, rstd);
-      g[c] = d * (acc(1) + static_cast<acc>(scale[c]));
+      const acc d = load(dh[c]);
+      xhat[c] = normalized<acc>(load(x[c]), mean, rstd);
+      g[c] = d * (acc(1) + load(scale[c]));
       sum_g += g[c];
       sum_gx += g[c] * xhat[c];
       p_shift[c] += d;
@@ -100,14 +101,14 @@ B3F_ALWAYS_INLINE void backward_chunk(const BwdArgs<scalar_t>& a, int64_t b, int
       const scalar_t* y = a.y + row * C;
       scalar_t* dy = a.grad_y + row * C;
       for (int64_t c = 0; c < C; ++c) {
-        const acc total = norm_grad<acc>(g[c], xhat[c], mean_g, mean_gx, rstd, a.layer) + static_cast<acc>(dx_new[c]);
-        dx[c] = static_cast<scalar_t>(total);
-        dy[c] = static_cast<scalar_t>(static_cast<acc>(gate[c]) * total);
-        p_gate[c] += total * static_cast<acc>(y[c]);
+        const acc total = norm_grad<acc>(g[c], xhat[c], mean_g, mean_gx, rstd, a.layer) + load(dx_new[c]);
+        dx[c] = store<scalar_t>(total);
+        dy[c] = store<scalar_t>(load(gate[c]) * total);
+        p_gate[c] += total * load(y[c]);
       }
     } else {
       for (int64_t c = 0; c < C; ++c)
-        dx[c] = static_cast<scalar_t>(norm_grad<acc>(g[c], xhat[c], mean_g, mean_gx, rstd, a.layer));
+        dx[c] = store<scalar_t>(norm_grad<acc>(g[c], xhat[c], mean_g, mean_gx, rstd, a.layer));
     }
   }
 }
@@ -160,9 +161,9 @@ void backward_cpu(const BwdArgs<scalar_t>& a) {
           for (int64_t c = 0; c < C; ++c) s[c] += p[c];
         }
       for (int64_t c = 0; c < C; ++c) {
-        a.grad_shift[b * C + c] = static_cast<scalar_t>(sums[c]);
-        a.grad_scale[b * C + c] = static_cast<scalar_t>(sums[C + c]);
-        if (a.y) a.grad_gate[b * C + c] = static_cast<scalar_t>(sums[2 * C + c]);
+        a.grad_shift[b * C + c] = store<scalar_t>(sums[c]);
+        a.grad_scale[b * C + c] = store<scalar_t>(sums[C + c]);
+        if (a.y) a.grad_gate[b * C + c] = store<scalar_t>(sums[2 * C + c]);
       }
     }
   });

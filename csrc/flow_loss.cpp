@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "cpu_convert.h"
 #include "flow_loss.h"
 #include "flow_loss_math.h"
 
@@ -34,7 +35,7 @@ B3F_ALWAYS_INLINE void interpolate_range(const InterpArgs<scalar_t>& a, int64_t 
   for_sample_segments(a, begin, end, [&](int64_t b, int64_t i0, int64_t i1) {
     const acc t = a.t[b];
     for (int64_t i = i0; i < i1; ++i)
-      a.out[i] = static_cast<scalar_t>(interpolate<acc>(static_cast<acc>(a.a[i]), static_cast<acc>(a.x0[i]), t));
+      a.out[i] = store<scalar_t>(interpolate<acc>(load(a.a[i]), load(a.x0[i]), t));
   });
 }
 
@@ -44,9 +45,9 @@ B3F_ALWAYS_INLINE void interpolate_bwd_range(const InterpArgs<scalar_t>& a, int6
   for_sample_segments(a, begin, end, [&](int64_t b, int64_t i0, int64_t i1) {
     const acc t = a.t[b];
     if (a.out)
-      for (int64_t i = i0; i < i1; ++i) a.out[i] = static_cast<scalar_t>(t * static_cast<acc>(a.a[i]));
+      for (int64_t i = i0; i < i1; ++i) a.out[i] = store<scalar_t>(t * load(a.a[i]));
     if (a.out0)
-      for (int64_t i = i0; i < i1; ++i) a.out0[i] = static_cast<scalar_t>((acc(1) - t) * static_cast<acc>(a.a[i]));
+      for (int64_t i = i0; i < i1; ++i) a.out0[i] = store<scalar_t>((acc(1) - t) * load(a.a[i]));
   });
 }
 
@@ -63,8 +64,8 @@ B3F_ALWAYS_INLINE void loss_rows(const LossArgs<scalar_t>& a, acc_t<scalar_t>* r
     acc sq = 0, dot = 0, vv = 0, uu = 0;
 #pragma omp simd reduction(+ : sq, dot, vv, uu)
     for (int64_t c = 0; c < C; ++c) {
-      const acc vc = static_cast<acc>(v[c]);
-      const acc u = target_velocity<acc>(static_cast<acc>(x1[c]), static_cast<acc>(x0[c]));
+      const acc vc = load(v[c]);
+      const acc u = target_velocity<acc>(load(x1[c]), load(x0[c]));
       sq += (vc - u) * (vc - u);
       dot += vc * u;
       vv += vc * vc;
@@ -87,8 +88,8 @@ B3F_ALWAYS_INLINE void loss_bwd_rows(const LossArgs<scalar_t>& a, int64_t begin,
     const scalar_t* x0 = a.x0 + row * C;
     scalar_t* dv = a.grad_v + row * C;
     for (int64_t c = 0; c < C; ++c)
-      dv[c] = static_cast<scalar_t>(velocity_grad<acc>(
-          static_cast<acc>(v[c]), target_velocity<acc>(static_cast<acc>(x1[c]), static_cast<acc>(x0[c])), g,
+      dv[c] = store<scalar_t>(velocity_grad<acc>(
+          load(v[c]), target_velocity<acc>(load(x1[c]), load(x0[c])), g,
           inv_count));
   }
 }

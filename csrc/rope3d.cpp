@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_convert.h"
 #include "rope3d.h"
 #include "rope3d_math.h"
 
@@ -22,10 +23,10 @@ B3F_ALWAYS_INLINE void rotate_rows(const RopeView<scalar_t, table_t>& v, table_t
       scalar_t* o = v.out + (row * v.H + h) * D;
       for (int64_t j = 0; j < half; ++j) {
         table_t y0, y1;
-        rotate_pair<table_t>(static_cast<table_t>(x[2 * j]), static_cast<table_t>(x[2 * j + 1]), c[j],
+        rotate_pair<table_t>(load(x[2 * j]), load(x[2 * j + 1]), c[j],
                              sign * sn[j], &y0, &y1);
-        o[2 * j] = static_cast<scalar_t>(y0);
-        o[2 * j + 1] = static_cast<scalar_t>(y1);
+        o[2 * j] = store<scalar_t>(y0);
+        o[2 * j + 1] = store<scalar_t>(y1);
       }
     }
   }

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_convert.h"
 #include "swiglu.h"
 #include "swiglu_math.h"
 
@@ -20,7 +21,7 @@ B3F_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& p, int64_t begin, int6
     scalar_t* out = p.out + row * F;
 #pragma omp simd
     for (int64_t c = 0; c < F; ++c)
-      out[c] = static_cast<scalar_t>(swiglu::forward<acc>(static_cast<acc>(a[c]), static_cast<acc>(b[c])));
+      out[c] = store<scalar_t>(swiglu::forward<acc>(load(a[c]), load(b[c])));
   }
 }
 
@@ -37,9 +38,9 @@ B3F_ALWAYS_INLINE void backward_rows(const Args<scalar_t>& p, int64_t begin, int
 #pragma omp simd
     for (int64_t c = 0; c < F; ++c) {
       acc ga, gb;
-      swiglu::backward<acc>(static_cast<acc>(g[c]), static_cast<acc>(a[c]), static_cast<acc>(b[c]), &ga, &gb);
-      da[c] = static_cast<scalar_t>(ga);
-      db[c] = static_cast<scalar_t>(gb);
+      swiglu::backward<acc>(load(g[c]), load(a[c]), load(b[c]), &ga, &gb);
+      da[c] = store<scalar_t>(ga);
+      db[c] = store<scalar_t>(gb);
     }
   }
 }

@@ -189,6 +189,19 @@ def test_attention_backends_match_math(backend, dtype, tol):
     torch.testing.assert_close(attention(q, k, v, backend), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_attention_keeps_dtype_and_matches_float32(dtype):
+    """On CPU, bf16/fp16 attention runs SDPA in float32 (faster there) and returns the input dtype."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 3, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    out = attention(q, k, v, "auto")
+    assert out.dtype == dtype and out.shape == q.shape
+    want = math_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    out.float().square().sum().backward()
+    assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all() and q.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "auto"])
 def test_model_backends_match_math_outputs_and_grads(backend):
     task = replace(SMALL_TASK, target_cls=False, cond_cls=True)  # Nt != Nc

@@ -60,6 +60,19 @@ def test_interpolate_backward_computes_only_requested_grads(need):
     assert (d1.numel() > 0, d0.numel() > 0) == need
 
 
+def test_cpu_bfloat16_rounding_is_torchs():
+    """The CPU kernels' own bf16 loads and stores (vectorisable shifts, not c10's conversions) round to
+    nearest even exactly as torch does, for every bf16 bit pattern: NaN, infinities, subnormals, ties."""
+    grad = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(1, 256, 256)
+    for t in (1.0, 0.3, 1e-3, 0.999):
+        tt = torch.tensor([t])
+        d1, d0 = torch.ops.blip3o_fast.flow_interpolate_bwd(grad, tt, True, True)
+        for got, want in ((d1, (tt * grad.float()).bfloat16()), (d0, ((1 - tt) * grad.float()).bfloat16())):
+            nan = want.isnan()
+            assert torch.equal(got.isnan(), nan)
+            assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), t
+
+
 def test_interpolate_convention():
     """t = 0 is pure noise, t = 1 is data."""
     _, x1, x0, _, _ = flow_inputs(3, 4, 5, torch.float32, "cpu")
