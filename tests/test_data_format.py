@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from blip3o_fast.config import TaskConfig
 from blip3o_fast.data import (DataError, StreamSpec, TextSpec, check_compatible, head_eps, load_head,
                               load_head_metadata, open_dataset, save_head)
-from blip3o_fast.data.tario import all_finite
+from blip3o_fast.data.tario import all_finite, index_shard
 from blip3o_fast.data.writer import ShardSetWriter, save_manifest, sha256_file
 from blip3o_fast.errors import UserError
 
@@ -170,3 +170,16 @@ def test_all_finite_matches_numpy(bits, dtype):
         y = x.copy()
         y[len(y) // 2] = special
         assert not all_finite(y)
+
+
+def test_shard_index_is_cached_until_the_file_changes(tmp_path):
+    write_dataset(tmp_path, {"train": 6}, shard_size=10)
+    shard = next(tmp_path.glob("train-*.tar"))
+    first = index_shard(shard)
+    assert index_shard(shard) is first and len(first.samples) == 6
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated: another size, so scanned again
+    again = index_shard(shard)
+    assert again is not first and again.error is not None and len(again.samples) < 6
+    shard.unlink()
+    assert index_shard(shard).error == "missing shard file"

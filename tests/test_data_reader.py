@@ -12,6 +12,7 @@ import torch
 
 from blip3o_fast.data import eval_loader, open_dataset, train_loader
 from blip3o_fast.data.reader import stream_shards
+from blip3o_fast.data.samples import BufferPool
 from test_data_format import sample_arrays, write_dataset
 
 
@@ -51,6 +52,31 @@ def test_round_trip_values_keys_dtypes(dataset, workers):
             assert b["captions"][j] == want["captions"]
     assert loader.stats() == {"samples": 23, "skipped_samples": 0, "skipped_shards": 0, "reasons": {}, "examples": []}
     assert len(loader) == len(batches) and loader.num_samples == 23
+
+
+def test_recycled_batches_hold_the_right_values(dataset):
+    """A consumer that lets each batch go gets recycled arrays; every batch still holds its own samples."""
+    ds, _ = dataset
+    for b in eval_loader(ds, "eval", batch_size=4, num_workers=0, pin_memory=False):
+        for j, key in enumerate(b["key"]):
+            assert np.array_equal(b["cond"][j].numpy(), sample_arrays(_index(key))["cond"])
+        del b  # only the pool refers to the arrays now
+
+
+def test_buffer_pool_reuses_only_released_arrays():
+    pool = BufferPool(per_shape=2)
+    first = torch.from_numpy(pool.get((3, 5), np.float16))
+    view = first[1:]
+    del first
+    second = pool.get((3, 5), np.float16)  # `view` still holds the first array
+    assert not np.shares_memory(second, view.numpy())
+    ptr = view.data_ptr() - view.element_size() * 5
+    del view
+    again = pool.get((3, 5), np.float16)
+    assert again.ctypes.data == ptr  # the first array, released, comes back
+    assert pool.get((3, 5), np.float32).dtype == np.float32 and pool.get((2, 5), np.float16).shape == (2, 5)
+    held = [pool.get((4,), np.float16) for _ in range(4)]  # beyond per_shape: plain new arrays, all distinct
+    assert len({a.ctypes.data for a in held}) == 4
 
 
 def test_eval_is_exactly_once_across_ranks_and_workers_in_a_stable_order(dataset):

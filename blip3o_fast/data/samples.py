@@ -9,6 +9,7 @@ by reason; its row is reused by the next sample.
 from __future__ import annotations
 
 import json
+import sys
 from collections import deque
 
 import numpy as np
@@ -75,8 +76,35 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Te
         nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
         storage = torch.UntypedStorage._new_shared(nbytes)  # what default_collate uses; no copy, unlike share_memory_()
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-    # numpy backs large arrays with transparent huge pages: filling a fresh batch faults 2x less than torch.empty
-    return torch.from_numpy(np.empty(shape, dtype=_NUMPY[dtype]))
+    return torch.from_numpy(_POOL.get(shape, _NUMPY[dtype]))
+
+
+class BufferPool:
+    """Batch arrays recycled once nothing else holds them.
+
+    A fresh batch of real-shape samples (16 x 2 MB of condition) is above glibc's largest mmap threshold,
+    so every one arrives as new pages and filling it page-faults each of them: 3-4x the cost of copying the
+    bytes (bench/bench_data.py). An array is reused only when the pool holds its sole reference: a batch
+    tensor (or any view of it, or a numpy view of that) keeps its array referenced through its storage, so
+    a batch the consumer still holds is never written to."""
+
+    def __init__(self, per_shape: int = 4):
+        self.per_shape = per_shape
+        self.arrays: dict[tuple, list[np.ndarray]] = {}
+
+    def get(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        arrays = self.arrays.setdefault((tuple(shape), np.dtype(dtype)), [])
+        for array in arrays:
+            if sys.getrefcount(array) == 3:  # the list, `array` and getrefcount's own argument
+                return array
+        # numpy backs large arrays with transparent huge pages: filling one faults 2x less than torch.empty
+        array = np.empty(shape, dtype=dtype)
+        if len(arrays) < self.per_shape:  # beyond that, the consumer keeps batches: plain new arrays
+            arrays.append(array)
+        return array
+
+
+_POOL = BufferPool()
 
 
 class BatchBuilder:
