@@ -33,6 +33,12 @@ def rope_inputs(s, device, dtype):
     return [q, k, cos, sin, cos, sin], [0, 1]
 
 
+def qk_norm_rope_inputs(s, device, dtype):
+    (q, k, *tables), _ = rope_inputs(s, device, dtype)
+    wq, wk = (1 + 0.1 * torch.randn(2, s["D"], device=device, dtype=dtype)).unbind(0)
+    return [q, k, wq.clone(), wk.clone(), EPS, *tables], [0, 1, 2, 3]
+
+
 def modulate_inputs(s, device, dtype):
     x = torch.randn(s["B"], s["S"], s["C"], device=device, dtype=dtype)
     mod = torch.randn(s["B"], 2 * s["C"], device=device, dtype=dtype)
@@ -68,6 +74,7 @@ def interp_inputs(s, device, dtype):
 # op name -> (inputs, the call on an op set returning the outputs to differentiate)
 OPS = {
     "rope3d": (rope_inputs, lambda o, a: o.rope3d(*a)),
+    "qk_norm_rope3d": (qk_norm_rope_inputs, lambda o, a: o.qk_norm_rope3d(*a)[:2]),
     "adaln_modulate": (modulate_inputs, lambda o, a: o.adaln_modulate(*a, EPS, "layer")[:1]),
     "gated_residual_adaln": (gated_inputs, lambda o, a: o.gated_residual_adaln(*a, EPS, "layer")[:2]),
     "swiglu": (swiglu_inputs, lambda o, a: (o.swiglu(*a),)),
@@ -101,13 +108,14 @@ def make_runner(op_name, impl, shape, device, mode, dtype=torch.float32):
                 fn(*inputs)
             sync(device)
         return run, fwd_bytes
-    leaves = [x.detach().clone().requires_grad_(i in grad_idx) for i, x in enumerate(inputs)]
+    leaves = [x.detach().clone().requires_grad_(i in grad_idx) if torch.is_tensor(x) else x
+              for i, x in enumerate(inputs)]
     with torch.no_grad():
         grads = [torch.randn_like(o) for o in fn(*leaves)]
 
     def run():
-        for x in leaves:
-            x.grad = None
+        for i in grad_idx:
+            leaves[i].grad = None
         torch.autograd.backward(list(fn(*leaves)), grads)
         sync(device)
     return run, fwd_bytes + out_bytes + 2 * nbytes(inputs[i] for i in grad_idx)

@@ -46,6 +46,10 @@ using LossFn = std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const
 using LossBwdFn = T(const T&, const T&, const T&, const T&);
 using SwigluFn = T(const T&);
 using SwigluBwdFn = T(const T&, const T&);
+using QkNormRopeFn = std::tuple<T, T, T, T>(const T&, const T&, const T&, const T&, double, const T&, const T&,
+                                            const T&, const T&);
+using QkNormRopeBwdFn = std::tuple<T, T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&, const T&,
+                                               const T&, const T&, const T&, const T&, const T&);
 
 // ---- naive loops ------------------------------------------------------------------------------
 
@@ -264,6 +268,55 @@ void test_swiglu() {
               "swiglu_bwd vs finite differences");
 }
 
+void test_qk_norm_rope() {
+  std::printf("qk_norm_rope3d\n");
+  auto fwd = op<QkNormRopeFn>("blip3o_fast::qk_norm_rope3d");
+  auto bwd = op<QkNormRopeBwdFn>("blip3o_fast::qk_norm_rope3d_bwd");
+  const double eps = 1e-6;
+  // naive: x·w / sqrt(mean(x²) + eps) per head vector, a loop, then the naive rotation
+  auto naive_norm = [&](const at::Tensor& x, const at::Tensor& w) {
+    auto y = at::empty_like(x, at::kDouble);
+    const auto xd = x.to(at::kDouble), wd = w.to(at::kDouble);
+    auto xa = xd.accessor<double, 4>();
+    auto ya = y.accessor<double, 4>();
+    auto wa = wd.accessor<double, 1>();
+    const int64_t D = x.size(3);
+    for (int64_t b = 0; b < x.size(0); ++b)
+      for (int64_t s = 0; s < x.size(1); ++s)
+        for (int64_t h = 0; h < x.size(2); ++h) {
+          double sq = 0;
+          for (int64_t d = 0; d < D; ++d) sq += xa[b][s][h][d] * xa[b][s][h][d];
+          const double rstd = 1.0 / std::sqrt(sq / D + eps);
+          for (int64_t d = 0; d < D; ++d) ya[b][s][h][d] = xa[b][s][h][d] * rstd * wa[d];
+        }
+    return y;
+  };
+  for (auto dtype : {at::kFloat, at::kDouble, at::kBFloat16}) {
+    const auto tab = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    auto q = (at::randn({2, 7, 3, 10}) * 3).to(dtype), k = at::randn({2, 5, 1, 10}).to(dtype);
+    auto wq = at::randn({10}).to(dtype), wk = at::randn({10}).to(dtype);
+    auto cq = at::rand({7, 5}).to(tab), sq = at::rand({7, 5}).to(tab);
+    auto ck = at::rand({5, 5}).to(tab), sk = at::rand({5, 5}).to(tab);
+    auto [oq, ok, rq, rk] = fwd.call(q, k, wq, wk, eps, cq, sq, ck, sk);
+    const double tol = dtype == at::kBFloat16 ? 1e-1 : (dtype == at::kFloat ? 1e-5 : 1e-12);
+    check_close(oq, naive_rope(naive_norm(q, wq), cq, sq), tol, std::string("q vs naive loop, ") + c10::toString(dtype));
+    check_close(ok, naive_rope(naive_norm(k, wk), ck, sk), tol, std::string("k vs naive loop, ") + c10::toString(dtype));
+  }
+  auto q = at::randn({2, 4, 2, 6}, at::kDouble), k = at::randn({2, 3, 2, 6}, at::kDouble);
+  auto wq = at::randn({6}, at::kDouble), wk = at::randn({6}, at::kDouble);
+  auto cq = at::rand({4, 3}, at::kDouble), sq = at::rand({4, 3}, at::kDouble);
+  auto ck = at::rand({3, 3}, at::kDouble), sk = at::rand({3, 3}, at::kDouble);
+  auto gq = at::randn_like(q), gk = at::randn_like(k);
+  auto [oq, ok, rq, rk] = fwd.call(q, k, wq, wk, eps, cq, sq, ck, sk);
+  auto [dq, dk, dwq, dwk] = bwd.call(gq, gk, q, k, wq, wk, rq, rk, cq, sq, ck, sk);
+  auto f_q = [&] { return std::get<0>(fwd.call(q, k, wq, wk, eps, cq, sq, ck, sk)); };
+  auto f_k = [&] { return std::get<1>(fwd.call(q, k, wq, wk, eps, cq, sq, ck, sk)); };
+  check_close(dq, numeric_grad(f_q, q, gq), 1e-6, "qk_norm_rope3d_bwd dq vs finite differences");
+  check_close(dk, numeric_grad(f_k, k, gk), 1e-6, "qk_norm_rope3d_bwd dk vs finite differences");
+  check_close(dwq, numeric_grad(f_q, wq, gq), 1e-6, "qk_norm_rope3d_bwd dweight_q vs finite differences");
+  check_close(dwk, numeric_grad(f_k, wk, gk), 1e-6, "qk_norm_rope3d_bwd dweight_k vs finite differences");
+}
+
 }  // namespace
 
 int main() {
@@ -272,6 +325,7 @@ int main() {
   test_adaln();
   test_flow();
   test_swiglu();
+  test_qk_norm_rope();
   std::printf("%d failure(s)\n", failures);
   return failures;
 }

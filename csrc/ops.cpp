@@ -9,6 +9,14 @@ TORCH_LIBRARY(blip3o_fast, m) {
   m.def("rope3d_bwd(Tensor grad_q, Tensor grad_k, Tensor cos_q, Tensor sin_q, Tensor cos_k, Tensor sin_k)"
         " -> (Tensor, Tensor)");
 
+  // qk-norm then RoPE: out = rope3d(x * rstd * weight), rstd = 1/sqrt(mean(x^2) + eps) per head vector;
+  // rstd [B, S, H] is saved for the backward
+  m.def("qk_norm_rope3d(Tensor q, Tensor k, Tensor weight_q, Tensor weight_k, float eps, Tensor cos_q,"
+        " Tensor sin_q, Tensor cos_k, Tensor sin_k) -> (Tensor q_out, Tensor k_out, Tensor rstd_q, Tensor rstd_k)");
+  m.def("qk_norm_rope3d_bwd(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor weight_q, Tensor weight_k,"
+        " Tensor rstd_q, Tensor rstd_k, Tensor cos_q, Tensor sin_q, Tensor cos_k, Tensor sin_k)"
+        " -> (Tensor grad_q_in, Tensor grad_k_in, Tensor grad_weight_q, Tensor grad_weight_k)");
+
   // y = N(x) * (1 + scale) + shift, N = LayerNorm or RMSNorm over C without affine weights
   m.def("adaln_modulate(Tensor x, Tensor shift, Tensor scale, float eps, str norm)"
         " -> (Tensor y, Tensor mean, Tensor rstd)");

@@ -24,7 +24,7 @@ from blip3o_fast.ops import _extension
 OPS = [
     "rope3d", "rope3d_bwd", "adaln_modulate", "adaln_modulate_bwd", "gated_residual_adaln",
     "gated_residual_adaln_bwd", "flow_interpolate", "flow_interpolate_bwd", "flow_matching_loss",
-    "flow_matching_loss_bwd", "swiglu", "swiglu_bwd",
+    "flow_matching_loss_bwd", "swiglu", "swiglu_bwd", "qk_norm_rope3d", "qk_norm_rope3d_bwd",
 ]
 
 
@@ -111,6 +111,14 @@ def trace_with_fake_cuda_tensors() -> None:
             dq, dk = op.rope3d_bwd(rq, rk, *tabs)
             check(rq.shape == q.shape and rk.shape == k.shape and dq.shape == q.shape and rq.device.type == "cuda"
                   and rq.dtype == dtype, f"rope3d {dtype} forward and backward")
+
+            wq, wk = torch.randn(D, device=dev, dtype=dtype), torch.randn(D, device=dev, dtype=dtype)
+            nq, nk, rstd_q, rstd_k = op.qk_norm_rope3d(q, k, wq, wk, 1e-6, *tabs)
+            dq, dk, dwq, dwk = op.qk_norm_rope3d_bwd(nq, nk, q, k, wq, wk, rstd_q, rstd_k, *tabs)
+            check(nq.shape == q.shape and nk.shape == k.shape and rstd_q.shape == (B, S, H)
+                  and rstd_k.dtype == torch.float32 and dq.shape == q.shape and dk.shape == k.shape
+                  and dwq.shape == (D,) and dwk.dtype == dtype and nq.device.type == "cuda",
+                  f"qk_norm_rope3d {dtype} forward and backward")
 
             x = torch.randn(B, S, C, device=dev, dtype=dtype)
             y = torch.randn(B, S, C, device=dev, dtype=dtype)

@@ -4,6 +4,7 @@
 use) or `reference`. Both expose the same functions with the same outputs:
 
     rope3d(q, k, cos_q, sin_q, cos_k, sin_k) -> (q_rot, k_rot)
+    qk_norm_rope3d(q, k, weight_q, weight_k, eps, cos_q, sin_q, cos_k, sin_k) -> (q_out, k_out, rstd_q, rstd_k)
     adaln_modulate(x, shift, scale, eps, norm) -> (y, mean, rstd)
     gated_residual_adaln(x, y, gate, shift, scale, eps, norm) -> (x_new, h, mean, rstd)
     swiglu(ab) -> silu(a)·b of ab = [a | b]

@@ -51,6 +51,42 @@ def rope3d(q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, si
     return _ops.rope3d(q, k, cos_q, sin_q, cos_k, sin_k)
 
 
+@torch.library.register_fake("blip3o_fast::qk_norm_rope3d")
+def _qk_norm_rope3d_fake(q, k, weight_q, weight_k, eps, cos_q, sin_q, cos_k, sin_k):
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q and k must be 4-D [B, S, H, D]")
+    acc = _acc(q.dtype)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(q.shape[:3], dtype=acc),
+            k.new_empty(k.shape[:3], dtype=acc))
+
+
+@torch.library.register_fake("blip3o_fast::qk_norm_rope3d_bwd")
+def _qk_norm_rope3d_bwd_fake(grad_q, grad_k, q, k, weight_q, weight_k, rstd_q, rstd_k, cos_q, sin_q, cos_k, sin_k):
+    return q.new_empty(q.shape), k.new_empty(k.shape), weight_q.new_empty(weight_q.shape), \
+        weight_k.new_empty(weight_k.shape)
+
+
+def _qk_norm_rope3d_setup(ctx, inputs, output):
+    q, k, weight_q, weight_k, _, cos_q, sin_q, cos_k, sin_k = inputs
+    ctx.save_for_backward(q, k, weight_q, weight_k, output[2], output[3], cos_q, sin_q, cos_k, sin_k)
+
+
+def _qk_norm_rope3d_backward(ctx, grad_q, grad_k, _grad_rstd_q, _grad_rstd_k):
+    grads = _ops.qk_norm_rope3d_bwd(grad_q, grad_k, *ctx.saved_tensors)
+    return (*grads, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "blip3o_fast::qk_norm_rope3d", _qk_norm_rope3d_backward, setup_context=_qk_norm_rope3d_setup
+)
+
+
+def qk_norm_rope3d(
+    q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float, cos_q: Tensor, sin_q: Tensor,
+    cos_k: Tensor, sin_k: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _ops.qk_norm_rope3d(q, k, weight_q, weight_k, eps, cos_q, sin_q, cos_k, sin_k)
+
+
 # -- adaln ----------------------------------------------------------------------------------------
 
 

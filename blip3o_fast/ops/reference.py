@@ -33,6 +33,21 @@ def rope3d(q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, si
     return _rotate(q, cos_q, sin_q), _rotate(k, cos_k, sin_k)
 
 
+def qk_norm_rope3d(
+    q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float, cos_q: Tensor, sin_q: Tensor,
+    cos_k: Tensor, sin_k: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RMSNorm (weight [D], over each head vector) then RoPE, without rounding in between:
+    (rope(q·rstd_q·w_q), rope(k·rstd_k·w_k), rstd_q, rstd_k), rstd = 1/sqrt(mean(x²) + eps) [B, S, H]."""
+    def one(x, weight, cos, sin):
+        xf = x.to(acc_dtype(x.dtype))
+        rstd = torch.rsqrt(xf.pow(2).mean(dim=-1) + eps)
+        return _rotate(xf * rstd[..., None] * weight.to(xf.dtype), cos, sin).to(x.dtype), rstd
+
+    (q_out, rstd_q), (k_out, rstd_k) = one(q, weight_q, cos_q, sin_q), one(k, weight_k, cos_k, sin_k)
+    return q_out, k_out, rstd_q, rstd_k
+
+
 # -- adaln ----------------------------------------------------------------------------------------
 
 
