@@ -85,6 +85,7 @@ def normalize_and_rotate(q: Tensor, k: Tensor, q_norm: nn.Module, k_norm: nn.Mod
     if rope is None:
         return q_norm(q), k_norm(k)
     if isinstance(q_norm, nn.RMSNorm):
+        assert q_norm.eps == k_norm.eps, "the fused op takes one eps for q and k"
         return o.qk_norm_rope3d(q, k, q_norm.weight, k_norm.weight, q_norm.eps, *rope)[:2]
     return o.rope3d(q, k, *rope)
 

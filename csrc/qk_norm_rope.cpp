@@ -15,7 +15,9 @@ namespace blip3o_fast {
 namespace qk_norm_rope {
 namespace {
 
-constexpr int64_t kChunkRows = 64;  // rows per weight-gradient partial
+// rows per weight-gradient partial: 64, or more so that there are at most kMaxChunks partials (bounded
+// memory); a function of the row count only, so the sum is the same for any thread count
+constexpr int64_t kMinChunkRows = 64, kMaxChunks = 4096;
 
 template <typename scalar_t>
 B3F_ALWAYS_INLINE const scalar_t* row_ptr(const View<scalar_t>& v, int64_t row, int64_t* s) {
@@ -110,12 +112,14 @@ struct CpuBackward {
   template <typename scalar_t>
   void operator()(const View<scalar_t>& v, at::Tensor& grad_weight) const {
     using acc = acc_t<scalar_t>;
-    const int64_t D = 2 * v.half, chunks = (v.rows + kChunkRows - 1) / kChunkRows;
+    const int64_t D = 2 * v.half;
+    const int64_t chunk_rows = std::max(kMinChunkRows, (v.rows + kMaxChunks - 1) / kMaxChunks);
+    const int64_t chunks = (v.rows + chunk_rows - 1) / chunk_rows;
     std::vector<acc> partials(static_cast<size_t>(chunks * D));
-    const int64_t grain = std::max<int64_t>(1, 16384 / (kChunkRows * D));
+    const int64_t grain = std::max<int64_t>(1, 16384 / (chunk_rows * D));
     at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
-        backward_cloned(v, c * kChunkRows, std::min(v.rows, (c + 1) * kChunkRows), partials.data() + c * D);
+        backward_cloned(v, c * chunk_rows, std::min(v.rows, (c + 1) * chunk_rows), partials.data() + c * D);
     });
     std::vector<acc> total(static_cast<size_t>(D), acc(0));
     for (int64_t c = 0; c < chunks; ++c)

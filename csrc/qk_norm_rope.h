@@ -42,6 +42,7 @@ inline void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          const at::Tensor& weight_k, const at::Tensor& cos_q, const at::Tensor& sin_q,
                          const at::Tensor& cos_k, const at::Tensor& sin_k) {
   rope::check_rope3d(q, k, cos_q, sin_q, cos_k, sin_k, "q", "k");
+  TORCH_CHECK(q.size(3) > 0 && k.size(3) > 0, "qk_norm_rope3d needs a head dim D > 0 (an empty head vector has no norm)");
   TORCH_CHECK(q.size(3) <= kMaxHeadDim && k.size(3) <= kMaxHeadDim, "qk_norm_rope3d supports head dims up to ",
               kMaxHeadDim, ", got D=", std::max(q.size(3), k.size(3)));
   check_weight(q, "q", weight_q, "weight_q");

@@ -44,8 +44,9 @@ def check_against_reference(inputs):
         assert_close_to_gold(a, r, g, name)
 
 
-# rope3d's shapes, and head dims that take more than one pair per lane of a CUDA warp, up to the largest
-SHAPES = ROPE_SHAPES + [(2, 9, 2, 9, 2, 130), (1, 3, 1, 2, 1, 512)]
+# rope3d's shapes, head dims that take more than one pair per lane of a CUDA warp up to the largest, and
+# more rows than the CPU backward's 4096 partials of 64 rows (its chunks grow)
+SHAPES = ROPE_SHAPES + [(2, 9, 2, 9, 2, 130), (1, 3, 1, 2, 1, 512), (33, 257, 32, 1, 1, 2)]
 
 
 @pytest.mark.parametrize("device,dtype", devices_with([torch.float64] + LOW_PRECISION))
@@ -162,7 +163,9 @@ def test_bad_inputs(mutate, message):
         OP(*mutate(q, k, wq, wk), eps, *tabs)
 
 
-def test_head_dim_limit_is_named():
-    q, k, wq, wk, eps, *tabs = make_inputs(1, 2, 1, 2, 1, 514, torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match="head dims up to 512, got D=514"):
-        OP(q, k, wq, wk, eps, *tabs)
+@pytest.mark.parametrize("D,message", [(514, "head dims up to 512, got D=514"), (0, "needs a head dim D > 0")])
+def test_head_dim_limits_are_named(D, message):
+    q, k = torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D)
+    w, tab = torch.ones(D), torch.ones(2, D // 2)
+    with pytest.raises(RuntimeError, match=message):
+        OP(q, k, w, w, EPS, tab, tab, tab, tab)
