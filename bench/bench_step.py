@@ -1,7 +1,8 @@
 """One training step (forward, backward, AdamW) of our DiT: fused ops vs their eager references
 ("unfused") vs torch.compile of the unfused model ("compiled") vs torch.compile around the fused ops
 ("fused+compiled", what train.compile=true runs), beside the prior projects' style of model at the
-same size ("prior", bench/baselines/prior_dit.py).
+same size ("prior", bench/baselines/prior_dit.py). Attention backends: every variant runs `auto` (flash-attn
+on a GPU that has it, else SDPA) except "fused/math-attention", the plain softmax(QK^T)V.
 
 "-bf16" variants run in bfloat16 (ours: bf16 weights and activations, as DeepSpeed's bf16 mode runs the
 model; the prior: bf16 autocast over fp32 weights, as it ran fp16 autocast on GPU). On a CPU with AMX
@@ -43,11 +44,13 @@ from conftest import sync
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # case -> (model size, task, batch, rounds, variants)
 CASES = {
-    "tiny-demo": ("tiny", "demo", 32, 10,
-                  ["fused", "unfused", "compiled", "fused+compiled", "prior", "fused-bf16", "prior-bf16"]),
-    "small-eva_to_clip": ("small", "eva_to_clip", 2, 3, ["fused", "unfused", "prior", "fused-bf16", "prior-bf16"]),
+    "tiny-demo": ("tiny", "demo", 32, 10, ["fused", "unfused", "compiled", "fused+compiled", "fused/math-attention",
+                                           "prior", "fused-bf16", "prior-bf16"]),
+    "small-eva_to_clip": ("small", "eva_to_clip", 2, 3, ["fused", "unfused", "fused/math-attention", "prior",
+                                                         "fused-bf16", "prior-bf16"]),
 }
-VARIANTS = ["fused", "unfused", "compiled", "fused+compiled", "prior", "fused-bf16", "prior-bf16"]
+VARIANTS = ["fused", "unfused", "compiled", "fused+compiled", "fused/math-attention", "prior", "fused-bf16",
+            "prior-bf16"]
 RESULTS: dict[tuple[str, str], dict] = {}
 
 
@@ -56,8 +59,10 @@ def make_step(case: str, variant: str, device: str):
     size, task_name, batch = CASES[case][:3]
     bf16 = variant.endswith("-bf16")
     variant = variant.removesuffix("-bf16")
-    fused = variant in ("fused", "fused+compiled")
-    model_cfg = load_config(CONFIGS / "model" / f"{size}.yaml", [f"model.fused_ops={fused}"]).model
+    fused = variant in ("fused", "fused+compiled", "fused/math-attention")
+    attention = "math" if variant == "fused/math-attention" else "auto"
+    model_cfg = load_config(CONFIGS / "model" / f"{size}.yaml",
+                            [f"model.fused_ops={fused}", f"model.attention={attention}"]).model
     task = load_config(CONFIGS / "task" / f"{task_name}.yaml").task
     torch.manual_seed(0)
     if variant == "prior":
@@ -189,7 +194,7 @@ def test_report_ratios(capsys):
     the same precision and the prior style as it ran in fp32 on CPU (runs last in this file).
 
     Ratios use each variant's best round: on a shared machine other load only ever adds time."""
-    lines = [f"{'case':18} {'variant':14} {'samples/s':>10} {'best':>8} {'vs unfused':>10} {'vs prior':>9} "
+    lines = [f"{'case':18} {'variant':20} {'samples/s':>10} {'best':>8} {'vs unfused':>10} {'vs prior':>9} "
              f"{'vs prior fp32':>13} {'GFLOP/sample':>12} {'GFLOP/s':>8} {'peak MB':>8} {'step MB':>8}"]
     for (case, variant), info in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
         ratios = []
@@ -198,7 +203,7 @@ def test_report_ratios(capsys):
             base = RESULTS.get((case, ref))
             ratios.append(info["best_samples_per_s"] / base["best_samples_per_s"] if base else float("nan"))
         mb = [f"{info[k]:.1f}" if info[k] is not None else "-" for k in ("peak_mb", "step_peak_mb")]
-        lines.append(f"{case:18} {variant:14} {info['samples_per_s']:10.1f} {info['best_samples_per_s']:8.1f} "
+        lines.append(f"{case:18} {variant:20} {info['samples_per_s']:10.1f} {info['best_samples_per_s']:8.1f} "
                      f"{ratios[0]:10.2f} {ratios[1]:9.2f} {ratios[2]:13.2f} {info['gflop_per_sample']:12.3f} "
                      f"{info['gflop_per_s']:8.1f} {mb[0]:>8} {mb[1]:>8}")
     with capsys.disabled():
