@@ -1,7 +1,9 @@
-"""Shared benchmark plumbing: devices, synchronisation, and run metadata saved with every JSON."""
+"""Shared benchmark plumbing: devices, synchronisation, CUDA-event timing, and run metadata saved with every
+JSON."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 
 import pytest
@@ -13,6 +15,24 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def cuda_event_median_s(run, setup=None, rounds: int = 30, warmup: int = 2) -> float:
+    """Median GPU time of run() in seconds, between CUDA events recorded on the current stream around it
+    (no host synchronisation inside the span), after `warmup` untimed rounds; setup() runs before each
+    round, outside the span (e.g. to overwrite the L2 cache)."""
+    times = []
+    for i in range(warmup + rounds):
+        if setup is not None:
+            setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
