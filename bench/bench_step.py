@@ -49,8 +49,15 @@ CASES = {
     "small-eva_to_clip": ("small", "eva_to_clip", 2, 3, ["fused", "unfused", "fused/math-attention", "prior",
                                                          "fused-bf16", "prior-bf16"]),
 }
+# issue 8's end-to-end case, GPU only: the base model on eva_to_clip with 256 target tokens, bf16 (the prior
+# style as it ran: fp16 autocast), batch 64 already on the device
+if torch.cuda.is_available():
+    CASES["base-eva_to_clip-256"] = ("base", "eva_to_clip", 64, 10, ["fused-bf16", "unfused-bf16", "compiled-bf16",
+                                                                     "fused+compiled-bf16", "prior"])
+CUDA_ONLY = {"base-eva_to_clip-256"}
+TASK_OVERRIDES = {"base-eva_to_clip-256": ["task.target_cls=false"]}
 VARIANTS = ["fused", "unfused", "compiled", "fused+compiled", "fused/math-attention", "prior", "fused-bf16",
-            "prior-bf16"]
+            "unfused-bf16", "compiled-bf16", "fused+compiled-bf16", "prior-bf16"]
 RESULTS: dict[tuple[str, str], dict] = {}
 
 
@@ -63,7 +70,7 @@ def make_step(case: str, variant: str, device: str):
     attention = "math" if variant == "fused/math-attention" else "auto"
     model_cfg = load_config(CONFIGS / "model" / f"{size}.yaml",
                             [f"model.fused_ops={fused}", f"model.attention={attention}"]).model
-    task = load_config(CONFIGS / "task" / f"{task_name}.yaml").task
+    task = load_config(CONFIGS / "task" / f"{task_name}.yaml", TASK_OVERRIDES.get(case, [])).task
     torch.manual_seed(0)
     if variant == "prior":
         model = PriorStyleDiT(model_cfg.hidden_size, model_cfg.depth, model_cfg.num_heads, task.cond_dim,
@@ -164,6 +171,8 @@ def step_matmul_flops(case: str, variant: str, device: str) -> int:
 
 @pytest.mark.parametrize("case,variant", [(c, v) for c, spec in CASES.items() for v in spec[4]])
 def test_train_step(benchmark, case, variant, device):
+    if case in CUDA_ONLY and device != "cuda":
+        pytest.skip(f"{case} is a GPU case")
     benchmark.group = f"train step {case} {device}"
     step, model, opt = make_step(case, variant, device)
     start = time.perf_counter()
@@ -203,8 +212,10 @@ def test_report_ratios(capsys):
              f"{'vs prior fp32':>13} {'GFLOP/sample':>12} {'GFLOP/s':>8} {'peak MB':>8} {'step MB':>8}"]
     for (case, variant), info in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
         ratios = []
-        same_precision_prior = "prior-bf16" if variant.endswith("-bf16") else "prior"
-        for ref in ("unfused", same_precision_prior, "prior"):
+        bf16 = variant.endswith("-bf16")
+        unfused = "unfused-bf16" if bf16 and (case, "unfused-bf16") in RESULTS else "unfused"
+        same_precision_prior = "prior-bf16" if bf16 and (case, "prior-bf16") in RESULTS else "prior"
+        for ref in (unfused, same_precision_prior, "prior"):
             base = RESULTS.get((case, ref))
             ratios.append(info["best_samples_per_s"] / base["best_samples_per_s"] if base else float("nan"))
         mb = [f"{info[k]:.1f}" if info[k] is not None else "-" for k in ("peak_mb", "step_peak_mb")]
