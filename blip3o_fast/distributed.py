@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -41,6 +43,10 @@ def init() -> Dist:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"process LOCAL_RANK={local_rank} has no GPU: this node shows "
+                            f"{torch.cuda.device_count()} CUDA device(s); launch at most that many processes per "
+                            "node (--nproc_per_node / --num_gpus), or set CUDA_VISIBLE_DEVICES= to run on CPU")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -47,7 +47,7 @@ def test_two_processes_disjoint_training_and_exactly_once_eval(tmp_path):
     keys = write_dataset(tmp_path / "ds", {"train": 60, "eval": 27}, shard_size=10)
     script = tmp_path / "read.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on CPU, also on a GPU machine
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", "2", str(script), str(tmp_path / "ds")],
                           capture_output=True, text=True, timeout=120, env=env)

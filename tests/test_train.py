@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from blip3o_fast.data.synth import SynthSpec, write_synth
+from blip3o_fast.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "data.batch_size=8", "data.num_workers=0",
@@ -35,6 +37,7 @@ def env() -> dict:
     e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     e["PYTHONUNBUFFERED"] = "1"
     e["OMP_NUM_THREADS"] = "1"
+    e["CUDA_VISIBLE_DEVICES"] = ""  # these runs are specified on CPU (fp32, gloo), also on a GPU machine
     return e
 
 
@@ -255,3 +258,14 @@ def test_lr_schedule():
     assert lr_at(55, cfg) == pytest.approx(0.55)
     values = [lr_at(s, cfg) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch):
+    from blip3o_fast import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="LOCAL_RANK=1 has no GPU: this node shows 1 CUDA device"):
+        distributed.init()
