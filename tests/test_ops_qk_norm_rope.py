@@ -169,3 +169,10 @@ def test_head_dim_limits_are_named(D, message):
     w, tab = torch.ones(D), torch.ones(2, D // 2)
     with pytest.raises(RuntimeError, match=message):
         OP(q, k, w, w, EPS, tab, tab, tab, tab)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device")
+def test_mixed_devices():
+    q, k, wq, wk, eps, *tabs = make_inputs(2, 5, 2, 5, 2, 8, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="must be on the same device"):
+        OP(q, k, wq.cuda(), wk, eps, *tabs)
