@@ -132,6 +132,7 @@ struct CpuBackward {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& weight_q, const at::Tensor& weight_k, double eps,
     const at::Tensor& cos_q, const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k) {
+  check_inputs(q, k, weight_q, weight_k, cos_q, sin_q, cos_k, sin_k);  // mixed devices: named before the kernel's device
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel");
   return forward(q, k, weight_q, weight_k, eps, cos_q, sin_q, cos_k, sin_k, CpuForward{});
 }
@@ -140,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_bwd_cp
     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& weight_q, const at::Tensor& weight_k, const at::Tensor& rstd_q, const at::Tensor& rstd_k,
     const at::Tensor& cos_q, const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k) {
+  check_inputs(q, k, weight_q, weight_k, cos_q, sin_q, cos_k, sin_k);  // mixed devices: named before the kernel's device
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel");
   return backward(grad_q, grad_k, q, k, weight_q, weight_k, rstd_q, rstd_k, cos_q, sin_q, cos_k, sin_k,
                   CpuBackward{});

@@ -195,3 +195,13 @@ def test_bad_inputs():
         op.gated_residual_adaln(x, y, gate[:, :3], shift, scale, EPS, "rms")
     with pytest.raises(RuntimeError, match="x must be float32, float64"):
         op.adaln_modulate(x.int(), shift.int(), scale.int(), EPS, "layer")
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device")
+def test_mixed_devices():
+    x, y, gate, shift, scale = gated_inputs(2, 5, 8, torch.float32, "cuda")
+    op = torch.ops.blip3o_fast
+    with pytest.raises(RuntimeError, match="x and shift must be on the same device"):
+        op.adaln_modulate(x, shift.cpu(), scale, EPS, "layer")
+    with pytest.raises(RuntimeError, match="must be on the same device"):
+        op.gated_residual_adaln(x, y.cpu(), gate, shift, scale, EPS, "rms")

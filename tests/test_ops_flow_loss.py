@@ -197,3 +197,12 @@ def test_bad_inputs():
         op.flow_interpolate(x1, x0, t[:, None])
     with pytest.raises(RuntimeError, match="x0 must have the shape of x1"):
         op.flow_interpolate(x1, x0[..., :3], t)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device")
+def test_mixed_devices():
+    v, x1, x0, t, w = flow_inputs(2, 3, 4, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="must be on the same device"):
+        torch.ops.blip3o_fast.flow_interpolate(x1, x0.cpu(), t)
+    with pytest.raises(RuntimeError, match="must be on the same device"):
+        torch.ops.blip3o_fast.flow_matching_loss(v, x1, x0, t, w.cpu())
