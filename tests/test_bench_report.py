@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from blip3o_fast import bench_report
+from blip3o_fast.bench import report as bench_report
 from blip3o_fast.cli import main
 from blip3o_fast.errors import UserError
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from blip3o_fast.evaluate import _report, chance_recall, format_report, recall_at_k
+from blip3o_fast.evaluation.evaluate import _report, chance_recall, format_report, recall_at_k
 from test_train import ROOT, env, run_train, small_data  # noqa: F401  (the session dataset fixture)
 
 

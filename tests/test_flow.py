@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
-from blip3o_fast import flow
+from blip3o_fast.model import flow
 from blip3o_fast.config import FlowConfig, ModelConfig, TaskConfig
 from blip3o_fast.errors import UserError
 from blip3o_fast.model import DiT

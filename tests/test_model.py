@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip3o_fast.attention import attention, flash_available, math_attention
+from blip3o_fast.model.attention import attention, flash_available, math_attention
 from blip3o_fast.config import ConfigError, ModelConfig, TaskConfig, load_config
 from blip3o_fast.errors import UserError
 from blip3o_fast.model import DiT

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import UserError
+from ..errors import UserError
 
 try:  # optional: `pip install flash-attn` (the [flash] extra)
     from flash_attn import flash_attn_func

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
+from .. import ops
 from .attention import attention, flash_available
-from .config import ConfigError, ModelConfig, TaskConfig
-from .errors import UserError
+from ..config import ConfigError, ModelConfig, TaskConfig
+from ..errors import UserError
 
 FREQ_DIM = 256  # sinusoid width of the timestep embedding (DiT's frequency_embedding_size)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 
 def run(args) -> int:
-    from .config import load_config
-    from .train import train
+    from ..config import load_config
+    from ..engine import train
 
     overrides = list(args.overrides)
     if args.out:

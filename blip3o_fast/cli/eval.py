@@ -12,12 +12,12 @@ from pathlib import Path
 
 
 def run(args) -> int:
-    from . import distributed
-    from .checkpoint import MARKER, Checkpointer, load_ema_weights
-    from .config import load_config
-    from .data import check_compatible, open_dataset
-    from .errors import UserError
-    from .evaluate import build_eval_model, evaluate, format_report, save_report
+    from ..runtime import distributed
+    from ..runtime.checkpoint import MARKER, Checkpointer, load_ema_weights
+    from ..config import load_config
+    from ..data import check_compatible, open_dataset
+    from ..errors import UserError
+    from ..evaluation import build_eval_model, evaluate, format_report, save_report
 
     run_dir = Path(args.run_dir)
     config_file = run_dir / "config.yaml"

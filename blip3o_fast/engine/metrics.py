@@ -69,7 +69,7 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                from .errors import UserError
+                from ..errors import UserError
 
                 raise UserError("train.wandb=true but wandb is not installed: pip install wandb, or set "
                                 "train.wandb=false") from None

@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
-from .config import FlowConfig
-from .errors import UserError
+from .. import ops
+from ..config import FlowConfig
+from ..errors import UserError
 
 # -- timesteps ------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import distributed
-from .errors import UserError
+from ..errors import UserError
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^step-(\d{7,})$")

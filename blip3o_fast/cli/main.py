@@ -11,15 +11,15 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from ..errors import UserError
 
 # modules with add_commands(subparsers), in the order their commands are listed
 COMMAND_MODULES = [
-    "blip3o_fast.info",
-    "blip3o_fast.data.commands",
-    "blip3o_fast.train_commands",
-    "blip3o_fast.eval_commands",
-    "blip3o_fast.bench_commands",
+    "blip3o_fast.cli.info",
+    "blip3o_fast.cli.data",
+    "blip3o_fast.cli.train",
+    "blip3o_fast.cli.eval",
+    "blip3o_fast.cli.bench",
 ]
 
 
@@ -56,6 +56,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blip3o-fast {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

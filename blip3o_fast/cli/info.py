@@ -8,7 +8,7 @@ import json
 def collect() -> dict:
     import torch
 
-    from .ops import _extension
+    from ..ops import _extension
 
     info = {
         "blip3o_fast": __import__("blip3o_fast").__version__,

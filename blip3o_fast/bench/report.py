@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 PRIMARY = ("fused", "zero0")  # the impl that speed-ups are measured for, first found
 

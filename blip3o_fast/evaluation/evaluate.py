@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import distributed
-from .errors import UserError
+from ..runtime import distributed
+from ..errors import UserError
 
 RECALL_KS = (1, 5, 10)
 BASELINES = ("model", "oracle", "dataset_mean", "chance")
@@ -100,8 +100,8 @@ def evaluate(model, dataset, cfg, dist_info: distributed.Dist, split: str | None
              steps: int | None = None, sampler: str | None = None, guidance_scale: float | None = None,
              seed: int = 0, progress: bool = True) -> dict:
     """Samples the split's targets with `model` and returns the report (the same on every rank)."""
-    from . import data
-    from .flow import GlobalHead, global_embedding, sample
+    from .. import data
+    from ..model.flow import GlobalHead, global_embedding, sample
 
     split = split or cfg.data.eval_split
     steps = steps or cfg.eval.steps
@@ -248,7 +248,7 @@ def save_report(report: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
 
 
 def build_eval_model(cfg, weights: dict[str, torch.Tensor], device: torch.device):
-    from .model import DiT
+    from ..model import DiT
 
     model = DiT(cfg.model, cfg.task)
     missing, unexpected = model.load_state_dict(weights, strict=False)

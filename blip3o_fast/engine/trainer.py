@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .checkpoint import Checkpointer
-from .config import RunConfig
+from ..runtime import distributed
+from ..runtime.checkpoint import Checkpointer
+from ..config import RunConfig
 from .ema import EMA
-from .errors import UserError
+from ..errors import UserError
 from .metrics import MetricsLogger, peak_flops, plot_loss, train_flops_per_sample
 
 log = logging.getLogger("blip3o_fast.train")
@@ -123,9 +123,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: str | None = "auto"):
         import deepspeed
 
-        from . import data
-        from .flow import GlobalHead
-        from .model import DiT
+        from .. import data
+        from ..model.flow import GlobalHead
+        from ..model import DiT
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist = distributed.init()
@@ -151,7 +151,7 @@ class Trainer:
 
         # model in a DeepSpeed engine with a torch AdamW (fused kernels on CUDA)
         if cfg.model.fused_ops:
-            from .ops import check_device
+            from ..ops import check_device
 
             check_device(self.device)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -201,7 +201,7 @@ class Trainer:
 
     def train_step(self, batches) -> dict:
         """Forward/backward over grad_accum micro-batches and one optimizer step (or a counted skip)."""
-        from .flow import training_loss
+        from ..model.flow import training_loss
 
         cfg = self.cfg
         lr = lr_at(self.step, cfg.train)
@@ -352,7 +352,7 @@ class Trainer:
                             samples_s=f"{values['samples_per_s']:.0f}")
 
     def _evaluate(self) -> None:
-        from .evaluate import evaluate_in_training
+        from ..evaluation.evaluate import evaluate_in_training
 
         report = evaluate_in_training(self)
         if report is not None:

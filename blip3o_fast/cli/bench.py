@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def report(args) -> int:
-    from . import bench_report
+    from ..bench import report as bench_report
 
     runs = bench_report.load_history(Path(args.results))
     if args.file:

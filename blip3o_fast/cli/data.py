@@ -10,7 +10,7 @@ TASKS = ("eva_to_clip", "clip_to_eva")
 
 
 def run_synth(args) -> int:
-    from .synth import PRESETS, SynthSpec, write_synth
+    from ..data.synth import PRESETS, SynthSpec, write_synth
 
     preset = dict(PRESETS[args.preset])
     for key in ("grid", "cond_dim", "target_dim", "text_dim", "target_cls"):
@@ -33,7 +33,7 @@ def run_synth(args) -> int:
 
 
 def run_convert(args) -> int:
-    from .convert import convert_chunks
+    from ..data.convert import convert_chunks
 
     summary = convert_chunks(args.src, args.out, trust_pickle=args.trust_pickle, task=args.task,
                              shard_size=args.shard_size, eval_shards=args.eval_shards, grid=args.grid,
@@ -45,14 +45,14 @@ def run_convert(args) -> int:
 
 
 def run_inspect(args) -> int:
-    from .inspect import inspect_dataset
+    from ..data.inspect import inspect_dataset
 
     return inspect_dataset(args.path, verify=not args.no_verify, samples=args.samples, as_json=args.json,
                            progress=not args.quiet)
 
 
 def run_extract(args) -> int:
-    from .extract import ExtractOptions, extract
+    from ..data.extract import ExtractOptions, extract
 
     options = ExtractOptions(
         images=args.images, out=args.out, target_model=args.target_model, cond_model=args.cond_model,

@@ -1,0 +1,1 @@
+"""Benchmark results: the report table and history plot of `blip3o-fast bench report`."""

@@ -1,0 +1,1 @@
+"""What the engine and evaluation both stand on: process groups and checkpoints."""
