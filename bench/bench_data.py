@@ -17,7 +17,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from blip3o_fast.data import StreamSpec, eval_loader, open_dataset, train_loader
+from blip3o_fast.data import StreamSpec, EvalLoader, open_dataset, TrainLoader
 from blip3o_fast.data.writer import ShardSetWriter, save_manifest
 
 SHARDS, PER_SHARD, BATCH = 2, 48, 16
@@ -87,7 +87,7 @@ def test_raw_tar_read_into_batches(benchmark, shards):
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_eval_reader(benchmark, shards, workers):
     ds, nbytes = shards
-    loader = eval_loader(ds, "train", BATCH, num_workers=workers, pin_memory=False)
+    loader = EvalLoader(ds, "train", BATCH, num_workers=workers, pin_memory=False)
 
     def read():
         return sum(len(b["key"]) for b in loader)
@@ -99,7 +99,7 @@ def test_eval_reader(benchmark, shards, workers):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_train_reader_steady_state(benchmark, shards, workers):
     ds, nbytes = shards
-    it = iter(train_loader(ds, "train", BATCH, seed=0, num_workers=workers, shuffle_buffer=PER_SHARD,
+    it = iter(TrainLoader(ds, "train", BATCH, seed=0, num_workers=workers, shuffle_buffer=PER_SHARD,
                            pin_memory=False))
     batches = SHARDS * PER_SHARD // BATCH
     next(it)  # workers started, prefetch queues filled

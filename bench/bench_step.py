@@ -37,7 +37,7 @@ from blip3o_fast.model import flow
 from blip3o_fast.config import FlowConfig, TrainConfig, load_config
 from blip3o_fast.engine.metrics import peak_flops, train_flops_per_sample
 from blip3o_fast.model import DiT
-from blip3o_fast.engine.trainer import make_adamw
+from blip3o_fast.engine.optim import make_adamw
 from baselines.prior_dit import PriorStyleDiT, prior_training_loss
 from conftest import cuda_event_median_s, sync
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from blip3o_fast.cli import main
-from blip3o_fast.data import eval_loader, load_head, open_dataset
+from blip3o_fast.data import EvalLoader, open_dataset, read_head
 
 EVA_DIM, CLIP_DIM = 40, 24  # stand-ins for 4096 and 1024: the converter takes dims from the data
 
@@ -68,7 +68,7 @@ def test_convert_both_formats_and_directions(tmp_path, tokens, task):
     cond_key, target_key = (("eva_blip3o_embeddings", "clip_blip3o_embeddings") if task == "eva_to_clip"
                             else ("clip_blip3o_embeddings", "eva_blip3o_embeddings"))
     for split, shards in (("train", (0, 1)), ("eval", (2,))):
-        batch = next(iter(eval_loader(ds, split, 16)))
+        batch = next(iter(EvalLoader(ds, split, 16)))
         want = {f"{s:05d}{i:04d}": (s, i) for s in shards for i in range(4)}
         assert batch["key"] == list(want)
         for j, (s, i) in enumerate(want.values()):
@@ -100,7 +100,7 @@ def test_convert_embeds_captions_with_a_clip_model(tmp_path):
     assert main(["data", "convert-chunks", "--src", str(src), "--out", str(out), "--trust-pickle",
                  "--clip-model", clip, "--quiet"]) == 0
     ds = open_dataset(out)
-    assert ds.text_dim == 16 and ds.max_captions == 1 and load_head(out)["visual_projection.weight"].shape == (16, 24)
-    batch = next(iter(eval_loader(ds, "train", 8)))
+    assert ds.text_dim == 16 and ds.max_captions == 1 and read_head(out).tensors["visual_projection.weight"].shape == (16, 24)
+    batch = next(iter(EvalLoader(ds, "train", 8)))
     assert batch["text"].shape == (4, 1, 16) and batch["text_mask"].all()
     assert np.isfinite(batch["text"].float().numpy()).all() and batch["text"].float().norm(dim=-1).min() > 0

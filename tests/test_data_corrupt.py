@@ -12,7 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from blip3o_fast.data import DataError, eval_loader, open_dataset, train_loader
+from blip3o_fast.data import DataError, EvalLoader, open_dataset, TrainLoader
 from blip3o_fast.data.writer import sha256_file
 from test_data_format import sample_arrays, write_dataset
 
@@ -75,7 +75,7 @@ def corrupt(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_eval_skips_and_counts_everything_bad(corrupt, workers):
     ds, keys = corrupt
-    loader = eval_loader(ds, "eval", batch_size=4, num_workers=workers)
+    loader = EvalLoader(ds, "eval", batch_size=4, num_workers=workers)
     seen = [k for b in loader for k in b["key"]]
     stats = loader.stats()
     lost = {k for k in keys["eval"][10:20]} - set(seen)
@@ -94,7 +94,7 @@ def test_eval_skips_and_counts_everything_bad(corrupt, workers):
 
 def test_training_skips_bad_input_and_keeps_going(corrupt):
     ds, keys = corrupt
-    loader = train_loader(ds, "train", batch_size=4, seed=0, num_workers=2)
+    loader = TrainLoader(ds, "train", batch_size=4, seed=0, num_workers=2)
     batches = list(itertools.islice(loader, 30))  # about four epochs of the ~26 good samples
     seen = {k for b in batches for k in b["key"]}
     assert not seen & set(BAD) and {"g_first", "g_last"} <= seen
@@ -107,7 +107,7 @@ def test_training_skips_bad_input_and_keeps_going(corrupt):
 def test_missing_shard_is_counted_not_fatal(tmp_path):
     keys = write_dataset(tmp_path, {"eval": 30}, shard_size=10)
     os.remove(tmp_path / "eval-000000.tar")
-    loader = eval_loader(open_dataset(tmp_path), "eval", 8)
+    loader = EvalLoader(open_dataset(tmp_path), "eval", 8)
     seen = [k for b in loader for k in b["key"]]
     assert seen == keys["eval"][10:]
     stats = loader.stats()
@@ -120,8 +120,8 @@ def test_nothing_readable_is_a_clear_error(tmp_path):
     for shard in tmp_path.glob("train-*.tar"):
         shard.write_bytes(b"\0" * 100)
     with pytest.raises(DataError, match="had no valid sample"):
-        next(iter(train_loader(open_dataset(tmp_path), "train", 4, seed=0)))
+        next(iter(TrainLoader(open_dataset(tmp_path), "train", 4, seed=0)))
     for shard in tmp_path.glob("train-*.tar"):
         shard.unlink()
     with pytest.raises(DataError, match="none of the 2 shard files"):
-        train_loader(open_dataset(tmp_path), "train", 4, seed=0)
+        TrainLoader(open_dataset(tmp_path), "train", 4, seed=0)

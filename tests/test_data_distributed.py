@@ -16,22 +16,22 @@ from test_data_format import write_dataset
 SCRIPT = textwrap.dedent("""
     import itertools, json, os, sys
     import torch.distributed as dist
-    from blip3o_fast.data import eval_loader, open_dataset, train_loader
+    from blip3o_fast.data import EvalLoader, open_dataset, TrainLoader
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     ds = open_dataset(sys.argv[1])
     def keys(batches):
         return [k for b in batches for k in b["key"]]
-    train = train_loader(ds, "train", 3, seed=5, rank=rank, world_size=world, num_workers=2)
+    train = TrainLoader(ds, "train", 3, seed=5, rank=rank, world_size=world, num_workers=2)
     it = iter(train)
     head = keys(next(it) for _ in range(3))
     state = train.state_dict()
     tail = keys(next(it) for _ in range(3))
-    resumed = train_loader(ds, "train", 3, seed=5, rank=rank, world_size=world, num_workers=2)
+    resumed = TrainLoader(ds, "train", 3, seed=5, rank=rank, world_size=world, num_workers=2)
     resumed.load_state_dict(json.loads(json.dumps(state)))
     again = keys(itertools.islice(resumed, 3))
-    evals = eval_loader(ds, "eval", 4, rank=rank, world_size=world, num_workers=2)
+    evals = EvalLoader(ds, "eval", 4, rank=rank, world_size=world, num_workers=2)
     out = {"train": head, "tail": tail, "again": again, "eval": keys(evals), "eval_again": keys(evals),
            "num_samples": evals.num_samples}
     gathered = [None] * world

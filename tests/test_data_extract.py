@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 
 from blip3o_fast.cli import main
-from blip3o_fast.data import eval_loader, load_head, open_dataset
+from blip3o_fast.data import EvalLoader, open_dataset, read_head
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -115,11 +115,11 @@ def test_extract_end_to_end(models, tmp_path, capsys):
     assert ds.split_samples("train") == 9 and "1 skipped" in capsys.readouterr().out
     assert ds.manifest["streams"]["cond"]["model"] == models["vit"]
     clip = CLIPModel.from_pretrained(models["clip"]).eval()
-    head = load_head(tmp_path)
+    head = read_head(tmp_path).tensors
     assert torch.equal(head["visual_projection.weight"], clip.visual_projection.weight.detach())
     assert torch.equal(head["post_layernorm.bias"], clip.vision_model.post_layernorm.bias.detach())
 
-    batch = next(iter(eval_loader(ds, "train", 16)))
+    batch = next(iter(EvalLoader(ds, "train", 16)))
     assert "0001_0002" not in batch["key"] and len(batch["key"]) == 9
     # recompute one sample with the models: the shards hold their tokens, CLS kept for the target only
     from PIL import Image
@@ -180,5 +180,5 @@ def test_extract_on_two_ranks(models, tmp_path):
     ds = open_dataset(tmp_path)
     files = [s.file for s in ds.shards("eval")]
     assert files == ["eval-000000-000000.tar", "eval-000001-000000.tar"] and ds.split_samples("eval") == 9
-    keys = [k for b in eval_loader(ds, "eval", 4) for k in b["key"]]
+    keys = [k for b in EvalLoader(ds, "eval", 4) for k in b["key"]]
     assert sorted(keys) == sorted(f"{s:04d}_{i:04d}" for s in range(2) for i in range(5) if (s, i) != (1, 2))

@@ -11,10 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from blip3o_fast.config import TaskConfig
-from blip3o_fast.data import (DataError, StreamSpec, TextSpec, check_compatible, head_eps, load_head,
-                              load_head_metadata, open_dataset, save_head)
+from blip3o_fast.data import (DataError, StreamSpec, TextSpec, check_compatible, open_dataset,
+                              read_head, save_head)
 from blip3o_fast.data.tario import all_finite, index_shard
 from blip3o_fast.data.writer import ShardSetWriter, save_manifest, sha256_file
 from blip3o_fast.errors import UserError
@@ -122,18 +123,23 @@ def test_head_round_trip_and_checks(tmp_path):
     g = torch.Generator().manual_seed(0)
     w, b, p = torch.randn(8, generator=g), torch.randn(8, generator=g), torch.randn(6, 8, generator=g)
     save_head(tmp_path, w, b, p, 1e-5)
-    head = load_head(tmp_path)
+    head = read_head(tmp_path).tensors
     assert set(head) == {"post_layernorm.weight", "post_layernorm.bias", "visual_projection.weight"}
     assert torch.equal(head["visual_projection.weight"], p) and head["post_layernorm.bias"].dtype == torch.float32
-    assert load_head_metadata(tmp_path) == {"layer_norm_eps": "1e-05"} and head_eps(tmp_path) == 1e-5
-    assert load_head(tmp_path / "elsewhere") is None
+    assert read_head(tmp_path).layer_norm_eps == 1e-5
+    assert read_head(tmp_path / "elsewhere") is None
     with pytest.raises(UserError, match="do not fit"):
         save_head(tmp_path, w, b, torch.randn(6, 7))
     write_dataset(tmp_path)  # target dim 8 matches this head
-    assert open_dataset(tmp_path).load_head()["post_layernorm.weight"].shape == (8,)
+    assert read_head(open_dataset(tmp_path).path, target_dim=8).token_dim == 8
+    with pytest.raises(UserError, match="head input dim 8 != target dim 9"):
+        read_head(tmp_path, target_dim=9)
+    save_file({"proj": torch.zeros(2, 2)}, tmp_path / "head.safetensors")
+    with pytest.raises(UserError, match="must hold exactly post_layernorm.weight"):
+        read_head(tmp_path)
     (tmp_path / "head.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="not a readable safetensors"):
-        load_head(tmp_path)
+        read_head(tmp_path)
 
 
 def test_writer_skips_bad_samples_and_hashes_what_it_wrote(tmp_path):
@@ -152,9 +158,9 @@ def test_writer_skips_bad_samples_and_hashes_what_it_wrote(tmp_path):
     for r in w.records:
         assert sha256_file(tmp_path / r["file"]) == r["sha256"]
     save_manifest(tmp_path, "eva_to_clip", (2, 2), COND, TARGET, TEXT, {"train": w.records})
-    from blip3o_fast.data import eval_loader
+    from blip3o_fast.data import EvalLoader
 
-    batch = next(iter(eval_loader(open_dataset(tmp_path), "train", 8)))
+    batch = next(iter(EvalLoader(open_dataset(tmp_path), "train", 8)))
     assert batch["key"][0] == "a_b_c" and batch["text_mask"].sum(1).tolist() == [1, 0, 0, 0, 0]
 
 

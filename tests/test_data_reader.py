@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip3o_fast.data import eval_loader, open_dataset, train_loader
+from blip3o_fast.data import EvalLoader, open_dataset, TrainLoader
 from blip3o_fast.data.reader import stream_shards
 from blip3o_fast.data.samples import BufferPool
 from test_data_format import sample_arrays, write_dataset
@@ -34,7 +34,7 @@ def _keys(batches) -> list[str]:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_round_trip_values_keys_dtypes(dataset, workers):
     ds, keys = dataset
-    loader = eval_loader(ds, "eval", batch_size=4, num_workers=workers)
+    loader = EvalLoader(ds, "eval", batch_size=4, num_workers=workers)
     batches = list(loader)
     assert sorted(_keys(batches)) == keys["eval"]
     for b in batches:
@@ -57,7 +57,7 @@ def test_round_trip_values_keys_dtypes(dataset, workers):
 def test_recycled_batches_hold_the_right_values(dataset):
     """A consumer that lets each batch go gets recycled arrays; every batch still holds its own samples."""
     ds, _ = dataset
-    for b in eval_loader(ds, "eval", batch_size=4, num_workers=0, pin_memory=False):
+    for b in EvalLoader(ds, "eval", batch_size=4, num_workers=0, pin_memory=False):
         for j, key in enumerate(b["key"]):
             assert np.array_equal(b["cond"][j].numpy(), sample_arrays(_index(key))["cond"])
         del b  # only the pool refers to the arrays now
@@ -84,7 +84,7 @@ def test_eval_is_exactly_once_across_ranks_and_workers_in_a_stable_order(dataset
     for world, workers in [(1, 0), (2, 2), (3, 1), (4, 3)]:
         seen = []
         for rank in range(world):
-            loader = eval_loader(ds, "eval", batch_size=3, rank=rank, world_size=world, num_workers=workers)
+            loader = EvalLoader(ds, "eval", batch_size=3, rank=rank, world_size=world, num_workers=workers)
             first = _keys(loader)
             assert first == _keys(loader), "a second pass reads the same order"
             assert len(first) == loader.num_samples
@@ -108,7 +108,7 @@ def test_training_streams_are_disjoint_within_an_epoch(dataset, world, workers):
     ds, keys = dataset
     per_rank = {}
     for rank in range(world):
-        loader = train_loader(ds, "train", batch_size=2, seed=3, rank=rank, world_size=world, num_workers=workers)
+        loader = TrainLoader(ds, "train", batch_size=2, seed=3, rank=rank, world_size=world, num_workers=workers)
         # fewer samples than any stream holds in one epoch: no stream has wrapped around yet
         per_rank[rank] = _keys(itertools.islice(loader, 4))
         assert len(set(per_rank[rank])) == len(per_rank[rank])
@@ -119,18 +119,18 @@ def test_training_streams_are_disjoint_within_an_epoch(dataset, world, workers):
 
 def test_training_stream_is_seeded_and_covers_each_epoch(dataset):
     ds, keys = dataset
-    a = _keys(itertools.islice(train_loader(ds, "train", 3, seed=1), 19))  # 57 samples = one epoch
-    b = _keys(itertools.islice(train_loader(ds, "train", 3, seed=1), 19))
-    c = _keys(itertools.islice(train_loader(ds, "train", 3, seed=2), 19))
+    a = _keys(itertools.islice(TrainLoader(ds, "train", 3, seed=1), 19))  # 57 samples = one epoch
+    b = _keys(itertools.islice(TrainLoader(ds, "train", 3, seed=1), 19))
+    c = _keys(itertools.islice(TrainLoader(ds, "train", 3, seed=2), 19))
     assert a == b and a != c
     assert sorted(a) == keys["train"], "one epoch of one stream is every sample once"
     assert a != sorted(a), "shuffled"
-    nxt = _keys(itertools.islice(train_loader(ds, "train", 3, seed=1), 38))[57:]
+    nxt = _keys(itertools.islice(TrainLoader(ds, "train", 3, seed=1), 38))[57:]
     assert sorted(nxt) == keys["train"] and nxt != a, "the next epoch is another permutation"
 
 
 def _resume(ds, workers, consumed, more, batch_size=4, shuffle_buffer=25, through_json=True):
-    make = lambda: train_loader(ds, "train", batch_size, seed=7, num_workers=workers, shuffle_buffer=shuffle_buffer)
+    make = lambda: TrainLoader(ds, "train", batch_size, seed=7, num_workers=workers, shuffle_buffer=shuffle_buffer)
     full = list(itertools.islice(make(), consumed + more))
     first = make()
     it = iter(first)
@@ -166,10 +166,10 @@ def test_resume_without_shuffle_and_with_state_round_trips(dataset):
 
 def test_changed_layout_warns_and_starts_fresh_streams(dataset):
     ds, _ = dataset
-    loader = train_loader(ds, "train", 4, seed=7, num_workers=0)
+    loader = TrainLoader(ds, "train", 4, seed=7, num_workers=0)
     list(itertools.islice(loader, 20))  # past the first epoch
     state = loader.state_dict()
-    other = train_loader(ds, "train", 4, seed=7, num_workers=2)
+    other = TrainLoader(ds, "train", 4, seed=7, num_workers=2)
     with pytest.warns(UserWarning, match="layout changed.*streams 1 -> 2.*epoch 2"):
         other.load_state_dict(state)
     assert len(list(itertools.islice(other, 3))) == 3
@@ -179,6 +179,6 @@ def test_changed_layout_warns_and_starts_fresh_streams(dataset):
 def test_loader_arguments_are_checked(dataset):
     ds, _ = dataset
     with pytest.raises(ValueError):
-        train_loader(ds, "train", 4, seed=0, rank=2, world_size=2)
+        TrainLoader(ds, "train", 4, seed=0, rank=2, world_size=2)
     with pytest.raises(ValueError):
-        eval_loader(ds, "eval", 0)
+        EvalLoader(ds, "eval", 0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blip3o_fast.cli import main
-from blip3o_fast.data import eval_loader, head_eps, open_dataset
+from blip3o_fast.data import EvalLoader, open_dataset, read_head
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def demo(tmp_path_factory):
 
 
 def _all(ds, split):
-    batches = list(eval_loader(ds, split, 512))
+    batches = list(EvalLoader(ds, split, 512))
     return {k: torch.cat([b[k] for b in batches]) if isinstance(batches[0][k], torch.Tensor)
             else [x for b in batches for x in b[k]] for k in batches[0]}
 
@@ -50,9 +50,10 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
 
 
 def _global(ds, cls: torch.Tensor) -> torch.Tensor:
-    head = ds.load_head()
+    weights = read_head(ds.path, ds.target_dim)
+    head = weights.tensors
     x = torch.nn.functional.layer_norm(cls.float(), (ds.target_dim,), head["post_layernorm.weight"],
-                                       head["post_layernorm.bias"], head_eps(ds.path))
+                                       head["post_layernorm.bias"], weights.layer_norm_eps)
     return torch.nn.functional.normalize(x @ head["visual_projection.weight"].T, dim=-1)
 
 
@@ -98,7 +99,7 @@ def test_real_shapes(tmp_path):
     assert (ds.cond_tokens, ds.cond_dim, ds.target_tokens, ds.target_dim, ds.text_dim) == (256, 4096, 256, 1024, 768)
     assert main(args[:-3] + ["--out", str(tmp_path / "c"), "--target-cls"]) == 0
     assert open_dataset(tmp_path / "c").target_tokens == 257
-    b = next(iter(eval_loader(open_dataset(tmp_path / "c"), "train", 2)))
+    b = next(iter(EvalLoader(open_dataset(tmp_path / "c"), "train", 2)))
     assert b["cond"].shape == (2, 256, 4096) and b["target"].shape == (2, 257, 1024)
 
 

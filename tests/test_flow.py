@@ -18,7 +18,9 @@ from torch import Tensor
 from blip3o_fast.model import flow
 from blip3o_fast.config import FlowConfig, ModelConfig, TaskConfig
 from blip3o_fast.errors import UserError
+from blip3o_fast.data import read_head
 from blip3o_fast.model import DiT
+from blip3o_fast.model.head import GlobalHead, global_embedding
 from blip3o_fast.ops import reference
 
 TASK = TaskConfig(cond_dim=24, target_dim=16, grid=(3, 4), target_cls=True)
@@ -246,7 +248,7 @@ def test_contrastive_term_is_off_by_default_and_adds_infonce_when_on():
         model.out_proj.weight.normal_(std=0.1)
     x1 = torch.randn(4, TASK.target_tokens, TASK.target_dim)
     cond = torch.randn(4, TASK.cond_tokens, TASK.cond_dim)
-    head = flow.GlobalHead(TASK.target_dim, 8)
+    head = GlobalHead(TASK.target_dim, 8)
     base, m0 = flow.training_loss(model, x1, cond, FlowConfig(), torch.Generator().manual_seed(0), head=head)
     assert "contrastive" not in m0
     cfg = FlowConfig(contrastive_weight=0.5, contrastive_temperature=0.1, head="cls")
@@ -267,7 +269,7 @@ def test_infonce_is_low_for_matched_and_high_for_shuffled_embeddings():
 # -- global heads ---------------------------------------------------------------------------------
 
 
-def test_global_head_from_file_is_clips_head(tmp_path):
+def test_global_head_from_a_head_file_is_clips_head(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {
         "post_layernorm.weight": 1 + 0.1 * torch.randn(16, generator=g),
@@ -275,29 +277,22 @@ def test_global_head_from_file_is_clips_head(tmp_path):
         "visual_projection.weight": torch.randn(8, 16, generator=g),
     }
     save_file(tensors, tmp_path / "head.safetensors", metadata={"layer_norm_eps": "1e-05"})
-    head = flow.GlobalHead.from_file(tmp_path / "head.safetensors")
+    weights = read_head(tmp_path / "head.safetensors")
+    head = GlobalHead.from_weights(weights.tensors, weights.layer_norm_eps)
     assert not any(p.requires_grad for p in head.parameters())
     assert head.post_layernorm.eps == 1e-5
     tokens = torch.randn(3, TASK.target_tokens, 16, generator=g)
     ln = F.layer_norm(tokens, (16,), tensors["post_layernorm.weight"], tensors["post_layernorm.bias"], 1e-5)
     proj = ln @ tensors["visual_projection.weight"].T
-    cls = flow.global_embedding(tokens, head, "cls", has_cls=True)
+    cls = global_embedding(tokens, head, "cls", has_cls=True)
     torch.testing.assert_close(cls, F.normalize(proj[:, 0], dim=-1))
-    mean = flow.global_embedding(tokens, head, "mean", has_cls=True)  # CLS excluded from the mean
+    mean = global_embedding(tokens, head, "mean", has_cls=True)  # CLS excluded from the mean
     pooled = F.layer_norm(tokens[:, 1:].mean(1), (16,), tensors["post_layernorm.weight"],
                           tensors["post_layernorm.bias"], 1e-5)
     torch.testing.assert_close(mean, F.normalize(pooled @ tensors["visual_projection.weight"].T, dim=-1))
     assert torch.allclose(mean.norm(dim=-1), torch.ones(3))
     with pytest.raises(UserError, match="target_cls"):
-        flow.global_embedding(tokens[:, 1:], head, "cls", has_cls=False)
-
-
-def test_global_head_rejects_a_wrong_file(tmp_path):
-    save_file({"proj": torch.zeros(2, 2)}, tmp_path / "head.safetensors")
-    with pytest.raises(UserError, match="visual_projection"):
-        flow.GlobalHead.from_file(tmp_path / "head.safetensors")
-    with pytest.raises(UserError, match="does not exist"):
-        flow.GlobalHead.from_file(tmp_path / "missing.safetensors")
+        global_embedding(tokens[:, 1:], head, "cls", has_cls=False)
 
 
 # -- fused ----------------------------------------------------------------------------------------

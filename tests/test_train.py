@@ -250,7 +250,7 @@ def test_overrides_may_come_between_options():
 
 def test_lr_schedule():
     from blip3o_fast.config import TrainConfig
-    from blip3o_fast.engine.trainer import lr_at
+    from blip3o_fast.engine.optim import lr_at
 
     cfg = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)

@@ -230,18 +230,6 @@ class Dataset:
         path = self.path / (name or HEAD_FILE)
         return path if path.is_file() else None
 
-    def load_head(self):
-        """The target encoder's head tensors (see `head.load_head`), checked against the target dim."""
-        from .head import load_head
-
-        head = load_head(self.path)
-        if head is not None:
-            dt = head["post_layernorm.weight"].shape[0]
-            if dt != self.target_dim:
-                raise DataError(f"{self.head_path}: head input dim {dt} != target dim {self.target_dim}; "
-                                f"write the head of the target encoder")
-        return head
-
 
 def open_dataset(path: str | Path) -> Dataset:
     """Opens a dataset folder; UserError when the folder or its manifest is missing or malformed."""

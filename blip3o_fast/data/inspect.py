@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from .format import open_dataset
-from .reader import eval_loader
+from .reader import EvalLoader
 from .writer import sha256_file
 
 
@@ -33,7 +33,7 @@ def token_norms(dataset, split: str, samples: int) -> dict:
     """Per-token L2 norm statistics of the first `samples` samples: cond/target patches, CLS tokens, text."""
     parts: dict[str, list[np.ndarray]] = {}
     seen = 0
-    loader = eval_loader(dataset, split, batch_size=min(64, max(samples, 1)), pin_memory=False)
+    loader = EvalLoader(dataset, split, batch_size=min(64, max(samples, 1)), pin_memory=False)
     for batch in loader:
         take = min(len(batch["key"]), samples - seen)
         for stream, cls in (("cond", dataset.cond_cls), ("target", dataset.target_cls)):

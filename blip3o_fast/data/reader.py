@@ -1,4 +1,4 @@
-"""Training and evaluation streams over a split's shards (DESIGN §6).
+"""Training and evaluation streams over a split's shards (docs/architecture.md §3.5).
 
 Training: rank r runs S = max(1, num_workers) streams; stream g = r*S + w of G = world_size*S owns the
 shards i with i % G == g (with fewer shards than streams, streams share a shard and keep every m-th
@@ -55,8 +55,15 @@ def _check_args(dataset: Dataset, split: str, batch_size: int, rank: int, world_
     return shards
 
 
-def _pin(batch: dict) -> dict:
-    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _batches(source: IterableDataset, num_workers: int, pin_memory: bool):
+    """The source's batches, read in the main process or in DataLoader workers (which form whole batches,
+    hence batch_size=None), pinned for host-to-GPU copies when asked."""
+    if num_workers:
+        yield from DataLoader(source, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+        return
+    for batch in source:
+        yield {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()} if pin_memory \
+            else batch
 
 
 class _Files:
@@ -77,14 +84,18 @@ class _Files:
         self.open.clear()
 
 
-def _read(builder: BatchBuilder, files: _Files, shard: ShardInfo, sample, stats: SkipStats) -> None:
+def _read(builder: BatchBuilder, files: _Files, shard: ShardInfo, sample, stats: SkipStats) -> int:
+    """Adds one sample to the batch being built: 1 when read, 0 when skipped (and counted)."""
     try:
         builder.add(files.get(shard.path), sample)
-        stats.samples += 1
     except NpyError as e:
         stats.skip_sample(e.reason, f"{shard.file}:{sample.key}")
+        return 0
     except OSError as e:
         stats.skip_sample("read error", f"{shard.file}:{sample.key} ({e.strerror or e})")
+        return 0
+    stats.samples += 1
+    return 1
 
 
 class TrainShards(IterableDataset):
@@ -126,25 +137,13 @@ class TrainShards(IterableDataset):
             order = np.random.default_rng([self.seed, epoch, self.rank, logical]).permutation(len(own))
             blocks = [order[i:i + block_shards] for i in range(0, len(order), block_shards)]
             for k in range(start_block, len(blocks)):
-                items = []
-                for shard_i, stride, offset in (own[j] for j in blocks[k]):
-                    shard = self.shards[shard_i]
-                    index = index_shard(shard.path)
-                    found = len(index.samples)
-                    if found < shard.samples and not replay:
-                        mine = len(range(offset, shard.samples, stride)) - len(range(offset, found, stride))
-                        stats.skip_shard(index.error or "shard shorter than its manifest", shard.file)
-                        if mine:
-                            stats.skip_sample("lost with shard", shard.file, mine)
-                    items.extend((shard, s) for s in index.samples[offset:shard.samples:stride])
+                items = self._block_items([own[j] for j in blocks[k]], stats, count_losses=not replay)
                 replay = False
                 perm = (np.random.default_rng([self.seed, epoch, self.rank, logical, k + 1]).permutation(len(items))
                         if self.shuffle_buffer > 0 else np.arange(len(items)))
                 for o in range(start_offset if k == start_block else 0, len(items)):
                     shard, sample = items[perm[o]]
-                    before = stats.samples
-                    _read(builder, files, shard, sample, stats)
-                    read_in_epoch += stats.samples - before
+                    read_in_epoch += _read(builder, files, shard, sample, stats)
                     if builder.full:
                         batch = builder.emit()
                         batch.update(_stream=logical, _pos=[epoch, k, o + 1], _stats=stats.to_dict())
@@ -155,6 +154,22 @@ class TrainShards(IterableDataset):
                                 f"valid sample ({stats.summary()}): check the shards with `blip3o-fast data inspect "
                                 f"{self.dataset.path}`")
             epoch, start_block, start_offset = epoch + 1, 0, 0
+
+    def _block_items(self, block: list[tuple[int, int, int]], stats: SkipStats, count_losses: bool) -> list[tuple]:
+        """(shard, sample) pairs of one block of (shard, stride, offset); a shard shorter than its manifest is
+        counted once (not again when a resumed stream reloads the block it was in)."""
+        items = []
+        for shard_i, stride, offset in block:
+            shard = self.shards[shard_i]
+            index = index_shard(shard.path)
+            found = len(index.samples)
+            if found < shard.samples and count_losses:
+                mine = len(range(offset, shard.samples, stride)) - len(range(offset, found, stride))
+                stats.skip_shard(index.error or "shard shorter than its manifest", shard.file)
+                if mine:
+                    stats.skip_sample("lost with shard", shard.file, mine)
+            items.extend((shard, s) for s in index.samples[offset:shard.samples:stride])
+        return items
 
 
 class TrainLoader:
@@ -182,17 +197,13 @@ class TrainLoader:
         src = self._source
         src.start, src.start_stats = dict(self.positions), dict(self.worker_stats)
         src.rotation = self.batches % self.streams
-        if self.num_workers == 0:
-            it = iter(src)
-        else:
-            it = iter(DataLoader(src, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory))
-        for batch in it:
+        for batch in _batches(src, self.num_workers, self.pin_memory):
             logical = batch.pop("_stream")
             self.positions[logical] = batch.pop("_pos")
             self.worker_stats[logical] = batch.pop("_stats")
             self.batches += 1
             self._log_skips()
-            yield _pin(batch) if self.pin_memory and self.num_workers == 0 else batch
+            yield batch
 
     def _log_skips(self) -> None:
         skipped = sum(s["skipped_samples"] + s["skipped_shards"] for s in self.worker_stats.values())
@@ -314,16 +325,11 @@ class EvalLoader:
 
     def __iter__(self):
         self.worker_stats = {}
-        if self.num_workers == 0:
-            it = iter(self._source)
-        else:
-            it = iter(DataLoader(self._source, batch_size=None, num_workers=self.num_workers,
-                                 pin_memory=self.pin_memory))
-        for batch in it:
+        for batch in _batches(self._source, self.num_workers, self.pin_memory):
             self.worker_stats[batch.pop("_stream")] = batch.pop("_stats")
             if batch.pop("_final", False):
                 continue
-            yield _pin(batch) if self.pin_memory and self.num_workers == 0 else batch
+            yield batch
         stats = self.stats()
         if stats["skipped_samples"] or stats["skipped_shards"]:
             log.warning("data: split %r: %s; e.g. %s", self.split, SkipStats(stats).summary(),
@@ -332,15 +338,3 @@ class EvalLoader:
     def stats(self) -> dict:
         """{samples, skipped_samples, skipped_shards, reasons, examples} of the last (or current) pass."""
         return SkipStats.total(self.worker_stats.values())
-
-
-def train_loader(dataset: Dataset, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, shuffle_buffer: int = 1000, pin_memory: bool = True) -> TrainLoader:
-    """Infinite, resumable training batches: disjoint per rank and worker, seeded by (seed, epoch, rank, worker)."""
-    return TrainLoader(dataset, split, batch_size, seed, rank, world_size, num_workers, shuffle_buffer, pin_memory)
-
-
-def eval_loader(dataset: Dataset, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0, pin_memory: bool = True) -> EvalLoader:
-    """One pass over a split: each sample exactly once across ranks and workers, in a stable order."""
-    return EvalLoader(dataset, split, batch_size, rank, world_size, num_workers, pin_memory)

@@ -1,5 +1,6 @@
-"""Run metrics: metrics.jsonl, TensorBoard events, optional wandb, the loss plot, and the FLOP count
-behind MFU. Only rank 0 writes; values are already reduced across ranks by the trainer."""
+"""Run metrics: the window of steps between records (throughput, MFU, progress bar), metrics.jsonl,
+TensorBoard events, optional wandb, the loss plot, and the FLOP count behind MFU. Only rank 0 writes;
+the window reduces values across ranks before they are written."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..runtime import distributed
 
 # dense bf16 tensor-core peak (FLOP/s) by device name: the MFU denominator
 PEAK_BF16_FLOPS = {
@@ -62,15 +68,11 @@ class MetricsLogger:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
         self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step or None)
         if wandb_project:
             try:
                 import wandb
             except ImportError:
-                from ..errors import UserError
-
                 raise UserError("train.wandb=true but wandb is not installed: pip install wandb, or set "
                                 "train.wandb=false") from None
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir), resume="allow")
@@ -134,3 +136,52 @@ def plot_loss(run_dir: Path) -> Path | None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+class MetricsWindow:
+    """The steps since the last record: every `log_every` steps (and at the last step) their mean over
+    steps and ranks, throughput, MFU and data-wait share go to the log, and to the progress bar on rank 0.
+    A collective at each record: every rank calls `after_step` every step."""
+
+    def __init__(self, logger: MetricsLogger, dist, cfg, flops_per_sample: float, start_step: int):
+        self.logger, self.dist, self.cfg = logger, dist, cfg
+        self.flops_per_sample = flops_per_sample
+        self.peak = peak_flops(dist.device)
+        self.samples_per_step = cfg.data.batch_size * cfg.train.grad_accum * dist.world_size
+        self.records: list[dict] = []
+        self.started = time.perf_counter()
+        self.bar = None
+        if dist.is_main:
+            self.bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            disable=None)
+
+    def after_step(self, step: int, record: dict, extra: dict) -> None:
+        """Adds one step's record; `extra` (counters, data stats) is logged as is at a record."""
+        self.records.append(record)
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
+            self._flush(step, extra)
+
+    def _flush(self, step: int, extra: dict) -> None:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        window = self.records
+        keys = set().union(*window)
+        local = {k: sum(r[k] for r in window if k in r) / sum(1 for r in window if k in r) for k in keys}
+        local.pop("skipped", None)
+        values = distributed.mean_across(local, self.dist.device)
+        values["samples_per_s"] = self.samples_per_step * len(window) / seconds
+        values["tokens_per_s"] = values["samples_per_s"] * self.cfg.task.target_tokens
+        values["data_wait_frac"] = values.pop("data_wait_s") * len(window) / seconds
+        if self.peak is not None:
+            values["mfu"] = values["samples_per_s"] * self.flops_per_sample / (self.peak * self.dist.world_size)
+        values.update(extra)
+        self.logger.log(step, values)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", vcos=f"{values['velocity_cos']:.3f}",
+                                 samples_s=f"{values['samples_per_s']:.0f}")
+        self.records, self.started = [], time.perf_counter()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

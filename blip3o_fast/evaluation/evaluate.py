@@ -1,4 +1,4 @@
-"""Sampling-based evaluation (DESIGN §8), each metric beside its baselines.
+"""Sampling-based evaluation (docs/architecture.md §3.7), each metric beside its baselines.
 
 Generate the target tokens of held-out samples from noise with the EMA weights (Euler or Heun,
 t: 0 -> 1), then report:
@@ -23,9 +23,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from ..runtime import distributed
+from ..data import Dataset, EvalLoader, read_head
 from ..errors import UserError
+from ..model import DiT
+from ..model.flow import sample
+from ..model.head import GlobalHead, global_embedding
+from ..runtime import distributed
 
 RECALL_KS = (1, 5, 10)
 BASELINES = ("model", "oracle", "dataset_mean", "chance")
@@ -64,6 +69,13 @@ def chance_recall(captions_per_image: torch.Tensor, total_captions: int, ks=RECA
     return out
 
 
+def rank_budget(max_samples: int, dist_info: distributed.Dist) -> int | None:
+    """This rank's share of `max_samples` (None: no limit); the shares add up to max_samples exactly."""
+    if not max_samples:
+        return None
+    return max_samples // dist_info.world_size + (dist_info.rank < max_samples % dist_info.world_size)
+
+
 # -- per-rank accumulation ------------------------------------------------------------------------
 
 
@@ -96,21 +108,18 @@ class _Collected:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, cfg, dist_info: distributed.Dist, split: str | None = None, max_samples: int = 0,
+def evaluate(model, dataset: Dataset, cfg, dist_info: distributed.Dist, split: str | None = None, max_samples: int = 0,
              steps: int | None = None, sampler: str | None = None, guidance_scale: float | None = None,
              seed: int = 0, progress: bool = True) -> dict:
     """Samples the split's targets with `model` and returns the report (the same on every rank)."""
-    from .. import data
-    from ..model.flow import GlobalHead, global_embedding, sample
-
     split = split or cfg.data.eval_split
     steps = steps or cfg.eval.steps
     sampler = sampler or cfg.eval.sampler
     guidance_scale = cfg.eval.guidance_scale if guidance_scale is None else guidance_scale
     task, device = cfg.task, dist_info.device
     dtype = next(model.parameters()).dtype
-    head_path = Path(dataset.path) / "head.safetensors"
-    head = GlobalHead.from_file(head_path).to(device) if head_path.is_file() else None
+    weights = read_head(dataset.path, task.target_dim)
+    head = GlobalHead.from_weights(weights.tensors, weights.layer_norm_eps).to(device) if weights else None
     mode = cfg.flow.head if head is not None else "mean"
     if mode == "cls" and not task.target_cls:
         mode = "mean"
@@ -121,13 +130,12 @@ def evaluate(model, dataset, cfg, dist_info: distributed.Dist, split: str | None
         return global_embedding(tokens.to(dtype if head is None else torch.float32), head, mode, task.target_cls)
 
     pin = cfg.data.pin_memory and device.type == "cuda"
-    loader = data.eval_loader(dataset, split, cfg.eval.batch_size, dist_info.rank, dist_info.world_size,
+    budget = rank_budget(max_samples, dist_info)
+    loader = EvalLoader(dataset, split, cfg.eval.batch_size, dist_info.rank, dist_info.world_size,
                               cfg.data.num_workers, pin_memory=pin)
     total = dataset.split_samples(split)
     bar = None
     if progress and dist_info.is_main:
-        from tqdm import tqdm
-
         bar = tqdm(total=min(total, max_samples) if max_samples else total, desc=f"eval ({sampler}, {steps} steps)",
                    unit="sample", dynamic_ncols=True, disable=None)
     collected = _Collected()
@@ -136,8 +144,7 @@ def evaluate(model, dataset, cfg, dist_info: distributed.Dist, split: str | None
     for batch_index, batch in enumerate(loader):
         target = batch["target"].to(device, torch.float32)
         cond = batch["cond"].to(device, dtype)
-        if max_samples:
-            budget = max_samples // dist_info.world_size + (dist_info.rank < max_samples % dist_info.world_size)
+        if budget is not None:
             if seen >= budget:
                 break
             keep = budget - seen
@@ -171,11 +178,10 @@ def evaluate(model, dataset, cfg, dist_info: distributed.Dist, split: str | None
     mean_target = (everything["target_sum"].sum(0) / everything["count"].sum()).to(device)
     mean_collected = _Collected()
     seen = 0
-    for batch in data.eval_loader(dataset, split, cfg.eval.batch_size, dist_info.rank, dist_info.world_size,
-                                  cfg.data.num_workers, pin_memory=pin):
+    for batch in EvalLoader(dataset, split, cfg.eval.batch_size, dist_info.rank, dist_info.world_size,
+                            cfg.data.num_workers, pin_memory=pin):
         target = batch["target"].to(device, torch.float32)
-        if max_samples:
-            budget = max_samples // dist_info.world_size + (dist_info.rank < max_samples % dist_info.world_size)
+        if budget is not None:
             if seen >= budget:
                 break
             target = target[:budget - seen]
@@ -247,9 +253,7 @@ def save_report(report: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
 # -- entry points ---------------------------------------------------------------------------------
 
 
-def build_eval_model(cfg, weights: dict[str, torch.Tensor], device: torch.device):
-    from ..model import DiT
-
+def build_eval_model(cfg, weights: dict[str, torch.Tensor], device: torch.device) -> DiT:
     model = DiT(cfg.model, cfg.task)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -257,16 +261,3 @@ def build_eval_model(cfg, weights: dict[str, torch.Tensor], device: torch.device
                         f"unexpected {unexpected[:3]}): evaluate with the config the run was trained with")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return model.to(device=device, dtype=dtype).eval()
-
-
-def evaluate_in_training(trainer) -> dict | None:
-    """The periodic held-out evaluation: EMA weights, train.eval_samples samples; logged as kind=eval."""
-    cfg = trainer.cfg
-    weights = trainer.ema.full_state_dict()  # collective under ZeRO-3
-    model = build_eval_model(cfg, weights, trainer.device)
-    report = evaluate(model, trainer.dataset, cfg, trainer.dist, max_samples=cfg.train.eval_samples,
-                      seed=cfg.train.seed, progress=False)
-    report["step"] = trainer.step
-    if trainer.is_main:
-        save_report(report, trainer.run_dir / "eval", f"step-{trainer.step:07d}")
-    return flat_metrics(report)

@@ -8,8 +8,6 @@ integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data).
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ from torch import Tensor
 from .. import ops
 from ..config import FlowConfig
 from ..errors import UserError
+from .head import GlobalHead, global_embedding
 
 # -- timesteps ------------------------------------------------------------------------------------
 
@@ -66,57 +65,6 @@ def timestep_grid(steps: int, shift: float = 1.0) -> list[float]:
         sigma = 1.0 - i / steps
         grid.append(1.0 - shift * sigma / (1.0 + (shift - 1.0) * sigma))
     return grid
-
-
-# -- global embeddings (DESIGN §5) ----------------------------------------------------------------
-
-
-class GlobalHead(nn.Module):
-    """The target encoder's global head: post_layernorm then a bias-free visual_projection (CLIP's)."""
-
-    def __init__(self, token_dim: int, embed_dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.post_layernorm = nn.LayerNorm(token_dim, eps=eps)
-        self.visual_projection = nn.Linear(token_dim, embed_dim, bias=False)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "GlobalHead":
-        """The frozen head of a dataset's head.safetensors (keys as in CLIP; metadata layer_norm_eps)."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"global head file {path} does not exist (the dataset's head.safetensors)")
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-            eps = float((f.metadata() or {}).get("layer_norm_eps", 1e-5))
-        want = {"post_layernorm.weight", "post_layernorm.bias", "visual_projection.weight"}
-        if set(tensors) != want or tensors["visual_projection.weight"].dim() != 2:
-            raise UserError(f"{path} must hold exactly {sorted(want)} (a [Dg, Dt] projection), got {sorted(tensors)}")
-        embed_dim, token_dim = tensors["visual_projection.weight"].shape
-        head = cls(token_dim, embed_dim, eps)
-        head.load_state_dict({k: v.float() for k, v in tensors.items()})
-        return head.requires_grad_(False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.to(self.visual_projection.weight.dtype)
-        return self.visual_projection(self.post_layernorm(x))
-
-
-def global_embedding(tokens: Tensor, head: GlobalHead | None, mode: str, has_cls: bool) -> Tensor:
-    """L2-normalised global embedding [B, Dg] of tokens [B, N, Dt]: the head on the CLS token (`cls`)
-    or on the mean of the patch tokens, CLS excluded (`mean`); without a head, the pooled token itself."""
-    if mode == "cls":
-        if not has_cls:
-            raise UserError("flow.head=cls needs target tokens with the CLS token first (task.target_cls=true); "
-                            "use flow.head=mean")
-        pooled = tokens[:, 0]
-    elif mode == "mean":
-        pooled = tokens[:, int(has_cls):].mean(dim=1)
-    else:
-        raise UserError(f"flow.head must be cls or mean, got {mode!r}")
-    emb = head(pooled) if head is not None else pooled
-    return F.normalize(emb.float(), dim=-1)
 
 
 # -- training -------------------------------------------------------------------------------------
