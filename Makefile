@@ -9,7 +9,7 @@ CUDA_HOME ?= /usr/local/cuda
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup build test test-fast cpp-test cuda-check bench demo clean
+.PHONY: setup build test test-fast lint cpp-test cuda-check bench demo clean
 
 # the main job on the embedded default: synthetic shards -> train the tiny DiT -> evaluate
 DEMO_DIR ?= demo
@@ -30,6 +30,10 @@ build: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS) tests
+
+# ruff on the whole tree (rules in pyproject.toml)
+lint: setup
+	$(PY) -m ruff check .
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests

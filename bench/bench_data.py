@@ -17,7 +17,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from blip3o_fast.data import StreamSpec, EvalLoader, open_dataset, TrainLoader
+from blip3o_fast.data import EvalLoader, StreamSpec, TrainLoader, open_dataset
 from blip3o_fast.data.writer import ShardSetWriter, save_manifest
 
 SHARDS, PER_SHARD, BATCH = 2, 48, 16

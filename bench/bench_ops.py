@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cuda_event_median_s, sync
 
 from blip3o_fast import ops
-from conftest import cuda_event_median_s, sync
 
 SHAPES = {
     "base": dict(B=4, S=256, C=768, H=12, D=64, T=1024),

@@ -30,16 +30,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from baselines.prior_dit import PriorStyleDiT, prior_training_loss
+from conftest import cuda_event_median_s, sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from blip3o_fast.model import flow
 from blip3o_fast.config import FlowConfig, TrainConfig, load_config
 from blip3o_fast.engine.metrics import peak_flops, train_flops_per_sample
-from blip3o_fast.model import DiT
 from blip3o_fast.engine.optim import make_adamw
-from baselines.prior_dit import PriorStyleDiT, prior_training_loss
-from conftest import cuda_event_median_s, sync
+from blip3o_fast.model import DiT, flow
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # case -> (model size, task, batch, rounds, variants)

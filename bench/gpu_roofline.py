@@ -10,7 +10,6 @@ import argparse
 import json
 
 import torch
-
 from conftest import cuda_event_median_s  # bench/ is on the path when run as bench/gpu_roofline.py
 
 

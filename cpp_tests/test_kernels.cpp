@@ -1,7 +1,7 @@
 // The CPU kernels, called through the dispatcher exactly as Python calls them, against naive loops
-// written from DESIGN §3 (forward), and the backward ops against central finite differences of the
-// forward ops in float64. No test framework: each check prints and counts; the exit code is the
-// number of failures.
+// written from docs/architecture.md §3.2-§3.6 (forward), and the backward ops against central
+// finite differences of the forward ops in float64. No test framework: each check prints and counts;
+// the exit code is the number of failures.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 

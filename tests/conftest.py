@@ -18,7 +18,7 @@ ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.f
 
 
 def devices_with(dtypes):
-    """(device, dtype) pairs, skipping fp16/bf16 combinations a CPU build would not be asked for."""
+    """Every (device, dtype) pair: CPU always, CUDA where a GPU is present (DEVICES), each dtype on each."""
     return [(d, t) for d in DEVICES for t in dtypes]
 
 

@@ -131,11 +131,13 @@ def trace_with_fake_cuda_tensors() -> None:
                 grads = op.gated_residual_adaln_bwd(x, h, x_new, y, gate, scale, mean, rstd, norm)
                 check(out.shape == x.shape and rstd.shape == (B, S) and rstd.dtype == torch.float32
                       and dx.shape == x.shape and dshift.shape == (B, C) and len(grads) == 5
-                      and grads[2].shape == (B, C) and h.device.type == "cuda", f"adaln {norm} {dtype} forward and backward")
+                      and grads[2].shape == (B, C) and h.device.type == "cuda",
+                      f"adaln {norm} {dtype} forward and backward")
 
             ab = torch.randn(B, S, 2 * 2048, device=dev, dtype=dtype)
             out = op.swiglu(ab)
-            check(out.shape == (B, S, 2048) and op.swiglu_bwd(out, ab).shape == ab.shape, f"swiglu {dtype} forward and backward")
+            check(out.shape == (B, S, 2048) and op.swiglu_bwd(out, ab).shape == ab.shape,
+                  f"swiglu {dtype} forward and backward")
 
             x1 = torch.randn(B, S, 1024, device=dev, dtype=dtype)
             x0 = torch.randn(B, S, 1024, device=dev, dtype=dtype)
@@ -143,7 +145,8 @@ def trace_with_fake_cuda_tensors() -> None:
             x_t = op.flow_interpolate(x1, x0, t)
             d1, d0 = op.flow_interpolate_bwd(x_t, t)
             only1, none0 = op.flow_interpolate_bwd(x_t, t, True, False)
-            check(only1.shape == x1.shape and none0.shape == (0,), f"flow_interpolate_bwd {dtype} computes only what is asked")
+            check(only1.shape == x1.shape and none0.shape == (0,),
+                  f"flow_interpolate_bwd {dtype} computes only what is asked")
             loss, mse, cos = op.flow_matching_loss(x_t, x1, x0, t, torch.ones(B, device=dev))
             dv = op.flow_matching_loss_bwd(mse, x_t, x1, x0)
             check(x_t.shape == x1.shape and d0.shape == x1.shape and loss.shape == () and mse.shape == (B,)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-
-from blip3o_fast.data import DataError, EvalLoader, open_dataset, TrainLoader
-from blip3o_fast.data.writer import sha256_file
 from test_data_format import sample_arrays, write_dataset
+
+from blip3o_fast.data import DataError, EvalLoader, TrainLoader, open_dataset
+from blip3o_fast.data.writer import sha256_file
 
 BAD = {  # key -> what is wrong, and the reason the reader counts
     "b_shape": "bad shape", "b_nan": "non-finite", "b_missing": "missing member", "b_dtype": "bad dtype",

@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import pytest
-
 from test_data_format import write_dataset
 
 SCRIPT = textwrap.dedent("""

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from blip3o_fast.config import TaskConfig
-from blip3o_fast.data import (DataError, StreamSpec, TextSpec, check_compatible, open_dataset,
-                              read_head, save_head)
+from blip3o_fast.data import DataError, StreamSpec, TextSpec, check_compatible, open_dataset, read_head, save_head
 from blip3o_fast.data.tario import all_finite, index_shard
 from blip3o_fast.data.writer import ShardSetWriter, save_manifest, sha256_file
 from blip3o_fast.errors import UserError

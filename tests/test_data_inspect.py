@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from blip3o_fast.cli import main
 from test_data_format import write_dataset
+
+from blip3o_fast.cli import main
 
 
 def test_inspect_reports_and_verifies(tmp_path, capsys):

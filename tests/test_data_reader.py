@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_data_format import sample_arrays, write_dataset
 
-from blip3o_fast.data import EvalLoader, open_dataset, TrainLoader
+from blip3o_fast.data import EvalLoader, TrainLoader, open_dataset
 from blip3o_fast.data.reader import stream_shards
 from blip3o_fast.data.samples import BufferPool
-from test_data_format import sample_arrays, write_dataset
 
 
 @pytest.fixture(scope="module")

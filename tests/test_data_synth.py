@@ -76,7 +76,7 @@ def test_relation_is_nonlinear_and_position_dependent(demo):
     train, held = _all(demo, "train"), _all(demo, "eval")
     c, t = train["cond"][:2048].double(), train["target"][:2048, 1:].double()
     ch, th = held["cond"].double(), held["target"][:, 1:].double()
-    ones = lambda x: torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1)  # noqa: E731
+    ones = lambda x: torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1)
     # the best linear map from the condition patch to the target patch, fitted per position
     w = torch.linalg.lstsq(ones(c).transpose(0, 1), t.transpose(0, 1)).solution  # [S, Dc+1, Dt]
     err = ones(ch).transpose(0, 1) @ w - th.transpose(0, 1)

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
+from test_train import ROOT, env, run_train, small_data  # noqa: F401  (the session dataset fixture)
 
 from blip3o_fast.evaluation.evaluate import _report, chance_recall, format_report, recall_at_k
-from test_train import ROOT, env, run_train, small_data  # noqa: F401  (the session dataset fixture)
 
 
 def brute_force_recall(scores, owner, k):

@@ -1,4 +1,4 @@
-"""Flow matching (DESIGN §3.3, §5): timestep samplers, the loss wiring (same x0 as the input), the
+"""Flow matching (docs/architecture.md §3.1, §3.8): timestep samplers, the loss wiring (same x0 as the input), the
 ODE samplers' time convention on exact velocity fields, guidance, global heads, and learning."""
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
-from blip3o_fast.model import flow
 from blip3o_fast.config import FlowConfig, ModelConfig, TaskConfig
-from blip3o_fast.errors import UserError
 from blip3o_fast.data import read_head
-from blip3o_fast.model import DiT
+from blip3o_fast.errors import UserError
+from blip3o_fast.model import DiT, flow
 from blip3o_fast.model.head import GlobalHead, global_embedding
 from blip3o_fast.ops import reference
 

@@ -1,4 +1,4 @@
-"""The DiT (DESIGN §4): zero init, shapes and errors, CFG null condition, attention backends,
+"""The DiT (docs/architecture.md §3.7): zero init, shapes and errors, CFG null condition, attention backends,
 checkpointing, RoPE tables, sizes. Mostly on the reference ops; fused-vs-reference lives in
 test_model_fused.py."""
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip3o_fast.model.attention import attention, flash_available, math_attention
 from blip3o_fast.config import ConfigError, ModelConfig, TaskConfig, load_config
 from blip3o_fast.errors import UserError
 from blip3o_fast.model import DiT
+from blip3o_fast.model.attention import attention, flash_available, math_attention
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL_TASK = TaskConfig(cond_dim=24, target_dim=16, grid=(3, 4), target_cls=True)

@@ -1,4 +1,4 @@
-"""The fused-op DiT against the same DiT on the ops' references (DESIGN §4.7): outputs and every
+"""The fused-op DiT against the same DiT on the ops' references (docs/architecture.md §3.7.5): outputs and every
 parameter gradient, both tasks at their real feature dims, 256 and 257 target tokens."""
 
 from __future__ import annotations

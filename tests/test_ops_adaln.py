@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, LOW_PRECISION, assert_close_to_gold, devices_with, run_with_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blip3o_fast import ops
 from blip3o_fast.ops import reference
-from conftest import DEVICES, LOW_PRECISION, assert_close_to_gold, devices_with, run_with_grads
 
 fused = ops.select(True)
 EPS = 1e-6

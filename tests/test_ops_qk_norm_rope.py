@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, LOW_PRECISION, assert_close_to_gold, devices_with, run_with_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_ops_rope3d import SHAPES as ROPE_SHAPES
+from test_ops_rope3d import tables
 
 from blip3o_fast import ops
 from blip3o_fast.ops import reference
-from conftest import DEVICES, LOW_PRECISION, assert_close_to_gold, devices_with, run_with_grads
-from test_ops_rope3d import SHAPES as ROPE_SHAPES
-from test_ops_rope3d import tables
 
 fused = ops.select(True)
 OP = torch.ops.blip3o_fast.qk_norm_rope3d

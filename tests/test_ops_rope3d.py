@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, LOW_PRECISION, assert_close_to_gold, devices_with, run_with_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blip3o_fast import ops
 from blip3o_fast.ops import reference, rope_tables
-from conftest import DEVICES, LOW_PRECISION, assert_close_to_gold, devices_with, run_with_grads
 
 fused = ops.select(True)
 OP = torch.ops.blip3o_fast.rope3d
@@ -109,7 +109,8 @@ def test_norm_preserving_and_relative(device):
     # shift every position of both streams by the same offset on all three axes
     cq2, sq2 = tables(30, D, torch.float64, device, offset=5)
     ck2, sk2 = tables(30, D, torch.float64, device, p_t=1, offset=5)
-    pos_t = lambda p_t: torch.stack((torch.full((30,), p_t + 3), torch.arange(30) // 7 + 5, torch.arange(30) % 7 + 5), 1)
+    rows = torch.arange(30)
+    pos_t = lambda p_t: torch.stack((torch.full((30,), p_t + 3), rows // 7 + 5, rows % 7 + 5), 1)
     ang_q = rope_tables.angles(pos_t(0), rope_tables.default_sections(D))
     ang_k = rope_tables.angles(pos_t(1), rope_tables.default_sections(D))
     rq2, rk2 = fused.rope3d(q, k, ang_q.cos().to(device), ang_q.sin().to(device), ang_k.cos().to(device),

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, LOW_PRECISION, assert_close_to_gold, devices_with, run_with_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blip3o_fast import ops
 from blip3o_fast.ops import reference
-from conftest import DEVICES, LOW_PRECISION, assert_close_to_gold, devices_with, run_with_grads
 
 fused = ops.select(True)
 
@@ -67,7 +67,7 @@ def test_opcheck_and_compile(device):
     torch.library.opcheck(torch.ops.blip3o_fast.swiglu, (ab.clone().requires_grad_(True),))
     torch.library.opcheck(torch.ops.blip3o_fast.swiglu_bwd, (torch.randn(2, 5, 8, device=device), ab))
     layer = torch.nn.Linear(16, 16).to(device)
-    fn = lambda x: fused.swiglu(layer(x)).square().sum()  # noqa: E731
+    fn = lambda x: fused.swiglu(layer(x)).square().sum()
     eager = fn(ab)
     eager.backward()
     expected = layer.weight.grad.clone()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-TASKS = ("eva_to_clip", "clip_to_eva")
+from ..config import TASKS
 
 
 def run_synth(args) -> int:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 
 def run(args) -> int:
-    from ..runtime import distributed
-    from ..runtime.checkpoint import MARKER, Checkpointer, load_ema_weights
     from ..config import load_config
     from ..data import check_compatible, open_dataset
     from ..errors import UserError
     from ..evaluation import build_eval_model, evaluate, format_report, save_report
+    from ..runtime import distributed
+    from ..runtime.checkpoint import MARKER, Checkpointer, load_ema_weights
 
     run_dir = Path(args.run_dir)
     config_file = run_dir / "config.yaml"
@@ -58,7 +58,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run's checkpoint by sampling (cosines, retrieval recall)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", dest="run_dir", required=True, help="run folder written by `blip3o-fast train`")
-    p.add_argument("--checkpoint", default=None, help="checkpoint tag (step-NNNNNNN) or folder; default: newest complete")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint tag (step-NNNNNNN) or folder; default: the newest complete one")
     p.add_argument("--data", default=None, help="dataset folder (default: the run's data.path)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's data.eval_split)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's eval.steps)")

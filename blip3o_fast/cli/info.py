@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .. import __version__
+
 
 def collect() -> dict:
     import torch
@@ -11,7 +13,7 @@ def collect() -> dict:
     from ..ops import _extension
 
     info = {
-        "blip3o_fast": __import__("blip3o_fast").__version__,
+        "blip3o_fast": __version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),

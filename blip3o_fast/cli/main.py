@@ -1,26 +1,20 @@
 """The `blip3o-fast` command.
 
 Each area registers its own subcommands through an `add_commands(subparsers)` function in a light
-module (argparse only; heavy imports happen inside the command). A user mistake (`UserError`)
-prints one line and exits 2; anything else is a bug and keeps its traceback.
+module of this folder (argparse only; the work is imported inside each command, so `--help` is fast).
+A user mistake (`UserError`) prints one line and exits 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from ..errors import UserError
+from . import bench, data, eval, info, train
 
-# modules with add_commands(subparsers), in the order their commands are listed
-COMMAND_MODULES = [
-    "blip3o_fast.cli.info",
-    "blip3o_fast.cli.data",
-    "blip3o_fast.cli.train",
-    "blip3o_fast.cli.eval",
-    "blip3o_fast.cli.bench",
-]
+# each module registers its subcommands with add_commands(subparsers), listed in this order
+COMMAND_MODULES = (info, data, train, eval, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,13 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher passes --local_rank=N before the subcommand (ranks come from the environment)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # an area not built yet in this checkout
-                continue
-            raise
+    for module in COMMAND_MODULES:
         module.add_commands(sub)
     return parser
 

@@ -8,6 +8,8 @@ Many nodes:       deepspeed --hostfile hosts --module blip3o_fast.cli train --co
 
 from __future__ import annotations
 
+import argparse
+
 
 def run(args) -> int:
     from ..config import load_config
@@ -22,7 +24,7 @@ def run(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train a DiT with DeepSpeed (one process, torchrun or deepspeed)",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config YAML (may include model/task YAMLs)")
     p.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
     p.add_argument("--resume", default="auto",

@@ -1,7 +1,20 @@
-"""Typed run configuration: the schema (dataclasses), YAML loading with includes and overrides."""
+"""Typed run configuration: the schema (dataclasses), YAML loading with includes and overrides, the reference."""
 
-from .schema import (ConfigError, DataConfig, EvalConfig, FlowConfig, ModelConfig, RunConfig, TaskConfig, TrainConfig,
-                     apply_overrides, from_dict, load_config, reference_markdown)
+from .loading import apply_overrides, from_dict, load_config, parse_override
+from .reference import reference_markdown
+from .schema import (
+                     ATTENTION_BACKENDS,
+                     TASKS,
+                     ConfigError,
+                     DataConfig,
+                     EvalConfig,
+                     FlowConfig,
+                     ModelConfig,
+                     RunConfig,
+                     TaskConfig,
+                     TrainConfig,
+)
 
-__all__ = ["ConfigError", "DataConfig", "EvalConfig", "FlowConfig", "ModelConfig", "RunConfig", "TaskConfig",
-           "TrainConfig", "apply_overrides", "from_dict", "load_config", "reference_markdown"]
+__all__ = ["ATTENTION_BACKENDS", "TASKS", "ConfigError", "DataConfig", "EvalConfig", "FlowConfig", "ModelConfig",
+           "RunConfig", "TaskConfig", "TrainConfig", "apply_overrides", "from_dict", "load_config", "parse_override",
+           "reference_markdown"]

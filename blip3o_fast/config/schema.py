@@ -1,20 +1,11 @@
-"""Typed run configuration: dataclasses, YAML loading with includes, dotted overrides, validation.
-
-A run config is one YAML file whose sections match `RunConfig`'s fields. It may list other YAML
-files under `include:` (paths relative to it, merged first, later ones win), which is how the
-`configs/model/*.yaml` sizes and `configs/task/*.yaml` tasks are composed. Command-line overrides
-are `section.key=value` with YAML-parsed values. Unknown keys are rejected with the nearest valid
-name; each section validates itself in `__post_init__` and raises `ConfigError` (one line).
-"""
+"""The run configuration's schema: one dataclass per section, each validating itself in
+`__post_init__` with a one-line `ConfigError`. The attribute docstrings under the fields are the
+documentation (`config/reference.py` renders them into the README)."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -29,6 +20,11 @@ class ConfigError(UserError, ValueError):
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+# the choice lists, one home each: the CLI's choices and the model's dispatch read them from here
+TASKS = ("eva_to_clip", "clip_to_eva")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "math")
 
 
 def _one_of(value: Any, allowed: tuple, key: str) -> None:
@@ -54,7 +50,7 @@ class TaskConfig:
 
     def __post_init__(self):
         self.grid = tuple(self.grid)
-        _one_of(self.name, ("eva_to_clip", "clip_to_eva"), "task.name")
+        _one_of(self.name, TASKS, "task.name")
         _require(self.cond_dim > 0 and self.target_dim > 0, "task.cond_dim and task.target_dim must be positive")
         _require(len(self.grid) == 2 and min(self.grid) > 0, f"task.grid must be two positive ints, got {self.grid}")
 
@@ -69,7 +65,7 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
-    """The DiT (DESIGN §4); configs/model/{tiny,small,base,large}.yaml are the named sizes."""
+    """The DiT (docs/architecture.md §3.7); configs/model/{tiny,small,base,large}.yaml are the named sizes."""
 
     hidden_size: int = 768
     """width H of the transformer"""
@@ -117,7 +113,7 @@ class ModelConfig:
         _require(self.rope_theta > 1, f"model.rope_theta must be > 1, got {self.rope_theta}")
         _one_of(self.mlp, ("swiglu", "gelu"), "model.mlp")
         _one_of(self.norm, ("layer", "rms"), "model.norm")
-        _one_of(self.attention, ("auto", "sdpa", "flash_attn", "math"), "model.attention")
+        _one_of(self.attention, ATTENTION_BACKENDS, "model.attention")
         _require(0.0 <= self.cond_drop < 1.0, f"model.cond_drop must be in [0, 1), got {self.cond_drop}")
         if self.rope or self.rope_cross:
             head_dim = self.hidden_size // self.num_heads
@@ -135,7 +131,7 @@ class ModelConfig:
 
 @dataclass
 class FlowConfig:
-    """Rectified flow (DESIGN §3.3, §5): t = 0 is noise, t = 1 is data."""
+    """Rectified flow (docs/architecture.md §3.1): t = 0 is noise, t = 1 is data."""
 
     timestep_sampling: str = "logit_normal"
     """training t: uniform, logit_normal (sigmoid of N(logit_mean, logit_std)) or beta(beta_a, beta_b)"""
@@ -165,7 +161,7 @@ class FlowConfig:
 
 @dataclass
 class DataConfig:
-    """Where the shards are and how they are read (DESIGN §6)."""
+    """Where the shards are and how they are read (docs/architecture.md §3.9)."""
 
     path: str = "demo/data"
     """dataset folder holding manifest.json"""
@@ -190,7 +186,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The training engine (DESIGN §7)."""
+    """The training engine (docs/architecture.md §3.10)."""
 
     out_dir: str = "runs/default"
     """run folder: config.yaml, metrics.jsonl, tb/, checkpoints/, eval/, loss.png"""
@@ -255,7 +251,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Sampling-based evaluation (DESIGN §8)."""
+    """Sampling-based evaluation (docs/architecture.md §3.12)."""
 
     steps: int = 50
     """ODE steps of the sampler (t: 0 -> 1; Heun calls the model twice per step)"""
@@ -289,176 +285,16 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# -- loading --------------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Tuples to lists, recursively, so the dict dumps to plain YAML."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
-
-
-def _nearest(name: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(valid)})"
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"config include cycle through {path}")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-    merged: dict = {}
-    for inc in raw.pop("include", None) or []:
-        merged = _merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
-    return _merge(merged, raw)
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """YAML value -> the field's type, where that is unambiguous (ints for floats, lists for tuples)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is typing.Union or origin is types.UnionType:
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key) if len(inner) == 1 else value
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if annotation is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if annotation is int and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if annotation is float and not isinstance(value, float):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if annotation is str and not isinstance(value, str):
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        elem = args[0] if args else Any
-        return tuple(_coerce(v, elem, key) for v in value)
-    return value
-
-
-def _build(cls, values: dict, prefix: str):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            raise ConfigError(f"unknown config key {dotted!r}{_nearest(key, list(fields))}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{dotted} must be a mapping of its keys, got {value!r}")
-            kwargs[key] = _build(hint, value, f"{dotted}.")
-        else:
-            kwargs[key] = _coerce(value, hint, dotted)
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`section.key=value` -> (["section", "key"], YAML-parsed value)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    out = _merge({}, values)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a section")
-        node[path[-1]] = value
-    return out
-
-
-def from_dict(values: dict) -> RunConfig:
-    return _build(RunConfig, values, "")
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """The RunConfig of a YAML file (or the defaults) with `section.key=value` overrides applied."""
-    values = _read_yaml(Path(path)) if path is not None else {}
-    return from_dict(apply_overrides(values, list(overrides or [])))
-
-
-# -- reference ------------------------------------------------------------------------------------
-
-
-def _field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings (the string literal under each field) of a dataclass, read from source."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
-                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def reference_markdown() -> str:
-    """Every config key with its default and meaning, as Markdown tables (the README's reference)."""
-    lines = []
-    defaults = RunConfig()
-    for section in dataclasses.fields(RunConfig):
-        cls = type(getattr(defaults, section.name))
-        lines += [f"**`{section.name}`**: {cls.__doc__.strip().splitlines()[0]}", "",
-                  "| key | default | meaning |", "|---|---|---|"]
-        docs = _field_docs(cls)
-        for f in dataclasses.fields(cls):
-            value = _plain(getattr(getattr(defaults, section.name), f.name))
-            lines.append(f"| `{section.name}.{f.name}` | `{json_like(value)}` | {docs.get(f.name, '')} |")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def json_like(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").removesuffix(" ...")

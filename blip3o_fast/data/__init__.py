@@ -1,4 +1,4 @@
-"""The data layer (docs/architecture.md §3.5): the shard format, readers and writers, and the dataset producers.
+"""The data layer (docs/architecture.md §3.9): the shard format, readers and writers, and the dataset producers.
 
 The trainer and evaluator use:
 
@@ -13,8 +13,17 @@ Batches are dicts: `cond` float16 [B, Nc, Dc], `target` float16 [B, Nt, Dt], `ke
 `text_mask` bool [B, K]. `loader.stats()` counts good and skipped samples and shards, by reason.
 """
 
-from .format import (FORMAT_VERSION, HEAD_FILE, DataError, Dataset, ShardInfo, StreamSpec, TextSpec, check_compatible,
-                     open_dataset)
+from .format import (
+                     FORMAT_VERSION,
+                     HEAD_FILE,
+                     DataError,
+                     Dataset,
+                     ShardInfo,
+                     StreamSpec,
+                     TextSpec,
+                     check_compatible,
+                     open_dataset,
+)
 from .head import HeadWeights, read_head, save_head
 from .reader import EvalLoader, TrainLoader
 

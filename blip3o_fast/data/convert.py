@@ -104,7 +104,7 @@ def convert_chunks(src, out, trust_pickle: bool = False, task: str = "eva_to_cli
 
     encoder = None
     if clip_model:
-        from .extract import load_clip_text
+        from .encoders import load_clip_text
 
         encoder = load_clip_text(clip_model)
     prepare_output(out, overwrite)

@@ -1,4 +1,4 @@
-"""The dataset format of DESIGN §6: `manifest.json`, its validation, and the `Dataset` view of a folder.
+"""The dataset format (docs/architecture.md §3.9): `manifest.json`, its validation, and the `Dataset` view of a folder.
 
 A dataset is a folder holding `manifest.json`, WebDataset tar shards and optionally `head.safetensors`.
 Each shard sample is `<key>.cond.npy` [Nc, Dc], `<key>.target.npy` [Nt, Dt], `<key>.text.npy`
@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import TASKS
 from ..errors import UserError
+from ..runtime.files import atomic_write_text
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 HEAD_FILE = "head.safetensors"
 DTYPES = ("float16", "float32")
-KNOWN_TASKS = ("eva_to_clip", "clip_to_eva")
 # member extensions of one sample in a shard
 COND, TARGET, TEXT, META = "cond.npy", "target.npy", "text.npy", "json"
 
@@ -98,9 +98,7 @@ def build_manifest(task: str, grid: tuple[int, int], cond: StreamSpec, target: S
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
     """Writes manifest.json atomically (a reader never sees a half-written file)."""
     path = Path(folder) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
     return path
 
 
@@ -265,7 +263,7 @@ def check_compatible(dataset: Dataset, task) -> None:
             value = str(have).lower() if isinstance(have, bool) else have
             raise DataError(f"task.{key}={_show(want)} but the dataset's {what} {_show(have)}: "
                             f"set task.{key}={_show(value)} or {where}")
-    if dataset.task in KNOWN_TASKS and dataset.task != task.name:
+    if dataset.task in TASKS and dataset.task != task.name:
         raise DataError(f"task.name={task.name} but the dataset was made for {dataset.task}: "
                         f"set task.name={dataset.task} or {where}")
 

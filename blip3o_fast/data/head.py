@@ -3,7 +3,7 @@
 The global embedding of a target sequence is `visual_projection(post_layernorm(token))` with token the
 CLS token (or the mean of the patch tokens), as CLIP computes its image embedding. This module is the
 only one that reads or writes the file; the module that applies the head is `model/head.py`, built from
-the tensors read here (docs/architecture.md §3.4).
+the tensors read here (docs/architecture.md §3.8).
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def read_head(path: str | Path, target_dim: int | None = None) -> HeadWeights | 
 
 def _check(tensors: dict, path: Path) -> None:
     if set(tensors) != set(KEYS):
-        raise DataError(f"{path} must hold exactly {', '.join(KEYS)}; it holds {', '.join(sorted(tensors)) or 'nothing'}")
+        held = ", ".join(sorted(tensors)) or "nothing"
+        raise DataError(f"{path} must hold exactly {', '.join(KEYS)}; it holds {held}")
     w, b, p = (tensors[k] for k in KEYS)
     if w.dim() != 1 or b.shape != w.shape or p.dim() != 2 or p.shape[1] != w.shape[0]:
         raise DataError(f"{path}: head shapes {list(w.shape)}, {list(b.shape)}, {list(p.shape)} do not fit "

@@ -1,4 +1,4 @@
-"""Training and evaluation streams over a split's shards (docs/architecture.md §3.5).
+"""Training and evaluation streams over a split's shards (docs/architecture.md §3.9.4).
 
 Training: rank r runs S = max(1, num_workers) streams; stream g = r*S + w of G = world_size*S owns the
 shards i with i % G == g (with fewer shards than streams, streams share a shard and keep every m-th

@@ -16,8 +16,21 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from .format import COND, HEAD_FILE, MANIFEST, META, TARGET, TEXT, DataError, StreamSpec, TextSpec, \
-    build_manifest, parse_manifest, write_manifest
+from ..runtime.files import commit, partial_path
+from .format import (
+    COND,
+    HEAD_FILE,
+    MANIFEST,
+    META,
+    TARGET,
+    TEXT,
+    DataError,
+    StreamSpec,
+    TextSpec,
+    build_manifest,
+    parse_manifest,
+    write_manifest,
+)
 from .samples import SkipStats
 from .tario import all_finite
 
@@ -72,7 +85,7 @@ class ShardSetWriter:
                                        mtime=0.0)
 
     def _open(self, fname: str) -> _HashingFile:
-        self._file = _HashingFile(fname + ".partial")
+        self._file = _HashingFile(str(partial_path(fname)))
         return self._file
 
     def _finished(self, fname: str) -> None:
@@ -81,7 +94,7 @@ class ShardSetWriter:
         if count == 0:
             os.remove(f.path)
             return
-        os.replace(f.path, fname)
+        commit(f.path, fname)
         self.records.append({"file": Path(fname).name, "samples": count, "sha256": f.sha.hexdigest()})
 
     def _check(self, name: str, x, spec_rows: int | None, dim: int, max_rows: int | None = None) -> np.ndarray:

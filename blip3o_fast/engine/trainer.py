@@ -1,4 +1,4 @@
-"""The training engine (docs/architecture.md §2): DeepSpeed ZeRO 0-3 for every run, one process or many.
+"""The training engine (docs/architecture.md §2, §3.10): DeepSpeed ZeRO 0-3 for every run, one process or many.
 
     Trainer(cfg, run_dir, resume).fit() -> exit code
 

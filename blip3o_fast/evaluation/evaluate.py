@@ -1,4 +1,4 @@
-"""Sampling-based evaluation (docs/architecture.md §3.7), each metric beside its baselines.
+"""Sampling-based evaluation (docs/architecture.md §3.12), each metric beside its baselines.
 
 Generate the target tokens of held-out samples from noise with the EMA weights (Euler or Heun,
 t: 0 -> 1), then report:
@@ -64,7 +64,8 @@ def chance_recall(captions_per_image: torch.Tensor, total_captions: int, ks=RECA
     out = {}
     for k in ks:
         k_eff = min(k, total_captions)
-        miss = [math.comb(total_captions - int(c), k_eff) / math.comb(total_captions, k_eff) for c in captions_per_image]
+        total = math.comb(total_captions, k_eff)
+        miss = [math.comb(total_captions - int(c), k_eff) / total for c in captions_per_image]
         out[k] = 1.0 - sum(miss) / len(miss)
     return out
 

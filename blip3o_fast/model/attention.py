@@ -1,4 +1,4 @@
-"""Attention backends of the DiT (DESIGN §4.6): q, k, v in the flash layout [B, S, H, D].
+"""Attention backends of the DiT (docs/architecture.md §3.7.4): q, k, v in the flash layout [B, S, H, D].
 
 `auto` uses flash-attn when it is installed and the input is on a GPU it supports (sm80+, fp16 or
 bf16), else PyTorch SDPA (which on GPU picks its own flash / cuDNN / memory-efficient kernel);
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import ATTENTION_BACKENDS
 from ..errors import UserError
 
 try:  # optional: `pip install flash-attn` (the [flash] extra)
@@ -18,7 +19,6 @@ try:  # optional: `pip install flash-attn` (the [flash] extra)
 except ImportError:  # also on CPU-only installs, where flash-attn cannot build
     flash_attn_func = None
 
-BACKENDS = ("auto", "sdpa", "flash_attn", "math")
 
 
 def flash_available() -> bool:
@@ -70,4 +70,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
         return flash_attn_func(q, k, v)
     if backend in ("auto", "sdpa"):
         return sdpa_attention(q, k, v)
-    raise UserError(f"unknown attention backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    raise UserError(f"unknown attention backend {backend!r}; use one of {', '.join(ATTENTION_BACKENDS)}")

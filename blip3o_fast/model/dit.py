@@ -1,4 +1,4 @@
-"""The DiT of DESIGN §4: AdaLN-Zero blocks with self-attention, cross-attention to the condition, MLP.
+"""The DiT (docs/architecture.md §3.7): AdaLN-Zero blocks with self-attention, cross-attention to the condition, MLP.
 
     x = in_proj(x_t)                        target tokens [B, Nt, Dt] -> [B, Nt, H]
     c = t_embedder(t)                       MLP(sinusoid(1000·t)): the AdaLN conditioning [B, H]
@@ -24,9 +24,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from .attention import attention, flash_available
 from ..config import ConfigError, ModelConfig, TaskConfig
 from ..errors import UserError
+from .attention import attention, flash_available
 
 FREQ_DIM = 256  # sinusoid width of the timestep embedding (DiT's frequency_embedding_size)
 
@@ -184,7 +184,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(H)
         self.cond_embed = nn.Sequential(nn.Linear(task.cond_dim, H), nn.LayerNorm(H, eps=model.norm_eps))
         self.null_cond = nn.Parameter(torch.zeros(task.cond_tokens, H))  # the "no condition" of CFG
-        # learned positions only where RoPE does not relate the streams (DESIGN §4.1)
+        # learned positions only where RoPE does not relate the streams (docs/architecture.md §3.7.2)
         abs_target = not (model.rope and model.rope_cross)
         self.pos_embed = nn.Parameter(torch.zeros(task.target_tokens, H)) if abs_target else None
         self.cond_pos_embed = nn.Parameter(torch.zeros(task.cond_tokens, H)) if not model.rope_cross else None

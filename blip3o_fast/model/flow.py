@@ -1,4 +1,4 @@
-"""Rectified flow matching (DESIGN §3.3, §5): timesteps, the training loss, ODE samplers, global heads.
+"""Rectified flow matching (docs/architecture.md §3.1): timesteps, the training loss, ODE samplers.
 
 One convention everywhere: t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is data x1,
 x_t = (1 - t)·x0 + t·x1, and the model regresses the velocity u = x1 - x0 of that very x0. Sampling
@@ -8,6 +8,7 @@ integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data).
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""The target encoder's global head and the global embedding of a token sequence (docs/architecture.md §3.4).
+"""The target encoder's global head and the global embedding of a token sequence (docs/architecture.md §3.8).
 
 The weights come from the dataset's head.safetensors, read by `data.read_head` (its only reader).
 """
@@ -23,7 +23,8 @@ class GlobalHead(nn.Module):
 
     @classmethod
     def from_weights(cls, tensors: dict[str, Tensor], layer_norm_eps: float) -> GlobalHead:
-        """A frozen head from CLIP-named tensors: post_layernorm.{weight,bias} [Dt], visual_projection.weight [Dg, Dt]."""
+        """A frozen head from CLIP-named tensors: post_layernorm.{weight,bias} [Dt] and
+        visual_projection.weight [Dg, Dt] (as `data.read_head` returns them)."""
         embed_dim, token_dim = tensors["visual_projection.weight"].shape
         head = cls(token_dim, embed_dim, layer_norm_eps)
         head.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})

@@ -1,4 +1,4 @@
-"""The fused operators of DESIGN §3 and their pure-PyTorch references.
+"""The fused operators (docs/architecture.md §3.2) and their pure-PyTorch references.
 
 `select(fused)` gives the op set a model runs on: `fused` (the compiled extension, loaded on first
 use) or `reference`. Both expose the same functions with the same outputs:

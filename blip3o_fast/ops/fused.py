@@ -206,7 +206,7 @@ def _flow_interpolate_fake(x1, x0, t):
 
 @torch.library.register_fake("blip3o_fast::flow_interpolate_bwd")
 def _flow_interpolate_bwd_fake(grad_x_t, t, need_x1=True, need_x0=True):
-    shape = lambda need: grad_x_t.shape if need else (0,)  # noqa: E731
+    shape = lambda need: grad_x_t.shape if need else (0,)
     return grad_x_t.new_empty(shape(need_x1)), grad_x_t.new_empty(shape(need_x0))
 
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every fused op: the spec in code (DESIGN §3).
+"""Pure-PyTorch reference of every fused op: the spec in code (docs/architecture.md §3.2-§3.6).
 
 Each function has exactly the signature and outputs of its compiled op, computes in float32
 (float64 for float64 inputs) and rounds outputs to the input dtype where the op does. Tests compare

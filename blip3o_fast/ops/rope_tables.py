@@ -1,4 +1,4 @@
-"""cos/sin tables of the 3-axis rotary embedding (DESIGN §3.1), built once per grid and cached.
+"""cos/sin tables of the 3-axis rotary embedding (docs/architecture.md §3.3), built once per grid and cached.
 
 The head dim D is split into sections (d_t, d_h, d_w), each even, summing to D. A token at position
 (p_t, p_h, p_w) gets angles p_a·θ^(-2i/d_a), i < d_a/2, per axis a in the order t, h, w,

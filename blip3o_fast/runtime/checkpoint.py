@@ -10,7 +10,6 @@ resumed from, and older ones are pruned only once a newer one is complete.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -21,8 +20,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import distributed
 from ..errors import UserError
+from . import distributed
+from .files import atomic_write_text
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^step-(\d{7,})$")
@@ -30,12 +30,6 @@ _NAME = re.compile(r"^step-(\d{7,})$")
 
 def tag(step: int) -> str:
     return f"step-{step:07d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:

@@ -1,7 +1,7 @@
 """Process-group setup and the few collectives the trainer needs.
 
 One process or many, the run always has a process group (DeepSpeed needs one): a lone process
-gets a single-rank group on a free local port. Launch many with `torchrun`, `deepspeed` or a
+gets a single-rank group on an in-memory store (no port to race for). Launch many with `torchrun`, `deepspeed` or a
 hostfile; their environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is used as is.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -30,17 +29,11 @@ class Dist:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init() -> Dist:
-    """Joins (or creates) the process group: NCCL on GPUs, gloo on CPU."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+def init(backend: str | None = None) -> Dist:
+    """Joins (or creates) the process group: NCCL on GPUs, gloo on CPU (or the given backend)."""
+    alone = "RANK" not in os.environ
+    if alone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
@@ -49,12 +42,16 @@ def init() -> Dist:
                             "node (--nproc_per_node / --num_gpus), or set CUDA_VISIBLE_DEVICES= to run on CPU")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = backend or "nccl"
     else:
         device = torch.device("cpu")
-        backend = "gloo"
+        backend = backend or "gloo"
     if not dist.is_initialized():  # DeepSpeed adopts this group; evaluation needs no DeepSpeed at all
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        device_id = device if backend == "nccl" else None
+        if alone:  # an in-memory store: no port to pick, so no race with other jobs for one
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+        else:
+            dist.init_process_group(backend=backend, device_id=device_id)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -80,14 +77,6 @@ def mean_across(values: dict[str, float], device: torch.device) -> dict[str, flo
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
         t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-def sum_across(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
 
