@@ -31,7 +31,9 @@ class Dist:
 
 def init(backend: str | None = None) -> Dist:
     """Joins (or creates) the process group: NCCL on GPUs, gloo on CPU (or the given backend)."""
-    alone = "RANK" not in os.environ
+    # one process (no launcher, or a launcher of one): a 1-rank group whatever the environment holds,
+    # also when it inherited RANK from a parent that ran one itself
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
     if alone:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
