@@ -265,6 +265,7 @@ def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher of two processes on a one-GPU node sets it
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(UserError, match="LOCAL_RANK=1 has no GPU: this node shows 1 CUDA device"):
