@@ -9,7 +9,7 @@ CUDA_HOME ?= /usr/local/cuda
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup build test test-fast cpp-test cuda-check bench demo clean
+.PHONY: setup build test test-fast cpp-test simt-build simt-test cuda-check bench demo clean
 
 # the main job on the embedded default: synthetic shards -> train the tiny DiT -> evaluate
 DEMO_DIR ?= demo
@@ -39,6 +39,19 @@ cpp-test: setup
 		-DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON
 	cmake --build build/cmake -j 2
 	ctest --test-dir build/cmake --output-on-failure
+
+# the CUDA kernels run on the CPU: the SIMT emulator (csrc/simt/, docs/simt.md) under AddressSanitizer,
+# the op tests against it (the emulated kernels replace the CPU ones in that pytest process)
+SIMT_TESTS ?= tests/test_ops_adaln.py tests/test_ops_flow_loss.py tests/test_ops_qk_norm_rope.py \
+	tests/test_ops_rope3d.py tests/test_ops_swiglu.py tests/simt
+simt-build: setup
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
+		-DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON
+	cmake --build build/cmake --target blip3o_fast_simt -j 2
+
+simt-test: simt-build
+	LD_PRELOAD="$$($${CXX:-g++} -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=tests/simt \
+		$(PY) -m pytest -q -p simt_plugin -n 2 -p no:cacheprovider $(PYTEST_ARGS) $(SIMT_TESTS)
 
 # the CUDA kernels, compiled for sm_80/sm_90 against the CUDA build of torch, without a GPU
 cuda-check:

@@ -1,9 +1,24 @@
 // CUDA helpers shared by the kernels: vector packs, deterministic warp/block sums, launch plumbing.
+//
+// The kernels (<op>_kernels.cuh) compile two ways: with nvcc for a GPU, and with the host compiler
+// against the SIMT emulator (BLIP3O_FAST_SIMT, csrc/simt/) for the tests. What differs between the
+// two is here and only here: dynamic shared memory, the launch, and what the device reports.
 #pragma once
 
+#include <ATen/ATen.h>
+
+#include <utility>
+
+#if defined(BLIP3O_FAST_SIMT)
+#include "simt/simt.h"
+// a pointer to the block's dynamic shared memory (one exactly-sized heap allocation per block)
+#define B3F_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::simt::detail::dynamic_smem())
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#define B3F_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
 
 namespace blip3o_fast {
 namespace cuda {
@@ -49,6 +64,40 @@ inline int row_threads(int64_t C) {
 }
 
 inline bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// the dynamic shared memory any kernel may take without opting in
+constexpr int64_t kDefaultSmemBytes = 48 * 1024;
+
+// kernel<<<grid, block, smem, current stream>>>(args...) and its launch check. name: for the
+// emulator's error messages.
+template <typename... KArgs, typename... Args>
+void launch(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, int64_t smem, Args&&... args) {
+#if defined(BLIP3O_FAST_SIMT)
+  ::simt::launch(name, kernel, grid, block, smem, kDefaultSmemBytes, std::forward<Args>(args)...);
+#else
+  (void)name;
+  kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// streaming multiprocessors of the current device: grid-stride kernels size their grids from it
+inline int sm_count() {
+#if defined(BLIP3O_FAST_SIMT)
+  return ::simt::device().sm_count;
+#else
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#endif
+}
+
+// options for a scratch tensor on the device the kernels run on
+inline at::TensorOptions device_options(at::ScalarType dtype) {
+#if defined(BLIP3O_FAST_SIMT)
+  return at::TensorOptions().dtype(dtype);
+#else
+  return at::TensorOptions().device(at::kCUDA, at::cuda::current_device()).dtype(dtype);
+#endif
+}
 
 }  // namespace cuda
 }  // namespace blip3o_fast

@@ -2,6 +2,8 @@
 // view of one rotated tensor that the kernels take.
 #pragma once
 
+#include <tuple>
+
 #include "common.h"
 
 namespace blip3o_fast {
@@ -59,6 +61,29 @@ RopeView<scalar_t, table_t> make_view(const at::Tensor& x, at::Tensor& out, cons
   v.stride_s = x.stride(1);
   v.stride_h = x.stride(2);
   return v;
+}
+
+// The driver of the device kernels: checks, layouts, outputs and dtype dispatch. `launch` gets the
+// views of q and k, their pair counts and the rotation's sign (-1: the inverse, for the backward).
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> rotate(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& cos_q,
+                                          const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k,
+                                          bool inverse, const char* qn, const char* kn, Launch&& launch) {
+  check_rope3d(q_in, k_in, cos_q, sin_q, cos_k, sin_k, qn, kn);
+  const auto q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  const auto k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  auto q_out = at::empty(q.sizes(), q.options());
+  auto k_out = at::empty(k.sizes(), k.options());
+  const int64_t q_pairs = q.numel() / 2, k_pairs = k.numel() / 2;
+  if (q_pairs + k_pairs == 0) return {q_out, k_out};
+  const auto cq = cos_q.contiguous(), sq = sin_q.contiguous(), ck = cos_k.contiguous(), sk = sin_k.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope3d", [&] {
+    using table_t = acc_t<scalar_t>;
+    const table_t sign = inverse ? table_t(-1) : table_t(1);
+    launch(make_view<scalar_t, table_t>(q, q_out, cq, sq), make_view<scalar_t, table_t>(k, k_out, ck, sk), q_pairs,
+           k_pairs, sign);
+  });
+  return {q_out, k_out};
 }
 
 }  // namespace rope

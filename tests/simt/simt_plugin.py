@@ -1,0 +1,27 @@
+"""pytest plugin of `make simt-test`: loads the emulated CUDA kernels (build/cmake/libblip3o_fast_simt.so,
+csrc/simt/) over the blip3o_fast CPU kernels of this process, so every op test that runs on "cpu"
+runs the CUDA kernels' own source on the SIMT emulator (docs/simt.md).
+
+Overriding the CPU kernels (rather than a second op namespace) lets the existing tests, opcheck and
+torch.compile included, reach the emulated kernels unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+LIB = Path(os.environ.get("BLIP3O_FAST_SIMT_LIB", Path(__file__).resolve().parents[2] / "build/cmake/libblip3o_fast_simt.so"))
+
+
+def pytest_configure(config):
+    import blip3o_fast.ops.fused  # noqa: F401  (the schemas, and the CPU kernels being replaced)
+
+    assert LIB.exists(), f"{LIB} is missing: build it with `make simt-test`"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Overriding a previously registered kernel": that is the point
+        torch.ops.load_library(str(LIB))
+    torch.ops.blip3o_fast_simt.launches()  # the library is loaded and its control ops answer
