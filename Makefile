@@ -42,15 +42,18 @@ cpp-test: setup
 
 # the CUDA kernels run on the CPU: the SIMT emulator (csrc/simt/, docs/simt.md) under AddressSanitizer,
 # the op tests against it (the emulated kernels replace the CPU ones in that pytest process)
+# libstdc++ is preloaded with libasan: the sanitizer must find __cxa_throw when it starts (Python has no C++)
+SIMT_CXX ?= g++
 SIMT_TESTS ?= tests/test_ops_adaln.py tests/test_ops_flow_loss.py tests/test_ops_qk_norm_rope.py \
-	tests/test_ops_rope3d.py tests/test_ops_swiglu.py tests/simt
+	tests/test_ops_rope3d.py tests/test_ops_swiglu.py tests/simt/check_emulator.py tests/simt/check_kernels.py
 simt-build: setup
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
 		-DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON
 	cmake --build build/cmake --target blip3o_fast_simt -j 2
 
 simt-test: simt-build
-	LD_PRELOAD="$$($${CXX:-g++} -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=tests/simt \
+	LD_PRELOAD="$$($(SIMT_CXX) -print-file-name=libasan.so) $$($(SIMT_CXX) -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=tests/simt \
 		$(PY) -m pytest -q -p simt_plugin -n 2 -p no:cacheprovider $(PYTEST_ARGS) $(SIMT_TESTS)
 
 # the CUDA kernels, compiled for sm_80/sm_90 against the CUDA build of torch, without a GPU

@@ -25,7 +25,7 @@ __global__ void forward_kernel(const FwdArgs<scalar_t> a) {
   using acc = acc_t<scalar_t>;
   B3F_DYNAMIC_SMEM(unsigned char, smem);
   acc* v = reinterpret_cast<acc*>(smem);
-  __shared__ acc scratch[cuda::kWarp];
+  B3F_STATIC_SMEM(acc, scratch, [cuda::kWarp]);
   const int64_t row = blockIdx.x, b = row / a.S, C = a.C;
   const scalar_t* x = a.x + row * C;
   // each thread keeps to its own columns, so v needs no barrier between the passes
@@ -72,7 +72,7 @@ __global__ void backward_rows_kernel(const BwdArgs<scalar_t> a) {
   B3F_DYNAMIC_SMEM(unsigned char, smem);
   acc* xhat = reinterpret_cast<acc*>(smem);
   acc* g = xhat + a.C;
-  __shared__ acc scratch[2 * cuda::kWarp];
+  B3F_STATIC_SMEM(acc, scratch, [2 * cuda::kWarp]);
   const int64_t row = blockIdx.x, b = row / a.S, C = a.C;
   const scalar_t* x = a.x + row * C;
   const scalar_t* dh = a.grad_h + row * C;
@@ -102,7 +102,7 @@ __global__ void backward_rows_kernel(const BwdArgs<scalar_t> a) {
 template <typename scalar_t>
 __global__ void backward_columns_kernel(const BwdArgs<scalar_t> a) {
   using acc = acc_t<scalar_t>;
-  __shared__ acc part[3][kColRows][kColTile];
+  B3F_STATIC_SMEM(acc, part, [3][kColRows][kColTile]);
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t b = blockIdx.y, c = static_cast<int64_t>(blockIdx.x) * kColTile + tx, C = a.C;
   acc s_shift = 0, s_scale = 0, s_gate = 0;

@@ -13,11 +13,17 @@
 #include "simt/simt.h"
 // a pointer to the block's dynamic shared memory (one exactly-sized heap allocation per block)
 #define B3F_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::simt::detail::dynamic_smem())
+// a static shared array, e.g. B3F_STATIC_SMEM(float, part, [4][32]); the emulator counts its bytes
+// against the launch's shared-memory limit, as the GPU does
+#define B3F_STATIC_SMEM(type, name, dims) \
+  static type name dims;                  \
+  ::simt::detail::note_static_smem(name, sizeof(name))
 #else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #define B3F_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#define B3F_STATIC_SMEM(type, name, dims) __shared__ type name dims
 #endif
 
 namespace blip3o_fast {

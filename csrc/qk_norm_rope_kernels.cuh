@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const View<scalar_t> 
 template <typename scalar_t, int LP>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const View<scalar_t> v, acc_t<scalar_t>* partials) {
   using acc = acc_t<scalar_t>;
-  __shared__ acc scratch[kWarpsPerBlock][kMaxHeadDim];
+  B3F_STATIC_SMEM(acc, scratch, [kWarpsPerBlock][kMaxHeadDim]);
   const int lane = threadIdx.x % cuda::kWarp, warp = threadIdx.x / cuda::kWarp;
   const int64_t D = 2 * v.half;
   acc dw0[LP], dw1[LP];

@@ -56,6 +56,8 @@ struct Block {
   int current = -1;
   detail::Context scheduler;
   std::unique_ptr<unsigned char[]> smem;
+  int64_t smem_bytes = 0, smem_limit = 0, static_bytes = 0;
+  std::vector<const void*> static_arrays;
   std::string error;
   std::mt19937 rng;
 };
@@ -230,6 +232,8 @@ void launch(const char* name, dim3 grid, dim3 block, int64_t smem_bytes, int64_t
   b.kernel = name;
   b.body = body;
   b.body_ctx = ctx;
+  b.smem_bytes = smem_bytes;
+  b.smem_limit = smem_limit;
   b.rng.seed(12345);  // fixed: a failure reproduces
   b.threads.resize(threads);
   b.warps.resize((threads + kWarp - 1) / kWarp);
@@ -261,6 +265,18 @@ void launch(const char* name, dim3 grid, dim3 block, int64_t smem_bytes, int64_t
 unsigned char* dynamic_smem() {
   if (!tl_block) fail("dynamic shared memory used outside a kernel");
   return tl_block->smem.get();
+}
+
+void note_static_smem(const void* array, size_t bytes) {
+  Block& b = *tl_block;
+  if (std::find(b.static_arrays.begin(), b.static_arrays.end(), array) != b.static_arrays.end()) return;
+  b.static_arrays.push_back(array);
+  b.static_bytes += static_cast<int64_t>(bytes);
+  if (b.static_bytes + b.smem_bytes > b.smem_limit)
+    thread_error("kernel " + std::string(b.kernel) + " takes " + std::to_string(b.static_bytes) +
+                 " bytes of static and " + std::to_string(b.smem_bytes) +
+                 " of dynamic shared memory, more than its launch allows (" + std::to_string(b.smem_limit) +
+                 "; cudaFuncSetAttribute opts in to more): a launch failure on a GPU; " + where(b, b.current));
 }
 
 void syncthreads() {

@@ -5,8 +5,8 @@
 // Checked, each an error naming the kernel, the block and the thread:
 //  - a shuffle must be reached by every lane its mask names (a divergent shuffle is undefined);
 //  - a __syncthreads() must be reached by the whole block (part of it waiting is a GPU deadlock);
-//  - launch limits: block <= 1024 threads, grid.y/grid.z <= 65535, dynamic shared memory <= the
-//    opted-in maximum (48 KiB by default).
+//  - launch limits: block <= 1024 threads, grid.y/grid.z <= 65535, static + dynamic shared memory
+//    <= what the launch allows (48 KiB unless the launcher opted in to more).
 // Races between barriers are found by running launches under several thread schedules (Schedule)
 // and comparing results (see simt_ops.h); dynamic shared memory is one heap allocation per block,
 // exactly the requested size and filled with a schedule-dependent byte, so AddressSanitizer sees
@@ -79,6 +79,8 @@ using Thunk = void (*)(void*);
 void launch(const char* name, dim3 grid, dim3 block, int64_t smem_bytes, int64_t smem_limit, Thunk body,
             void* ctx);
 unsigned char* dynamic_smem();
+// a static __shared__ array of the running kernel: counted once per block against the launch's limit
+void note_static_smem(const void* array, size_t bytes);
 void syncthreads();
 // a warp exchange: every lane in mask deposits `value` and reads the value of lane src(lane)
 uint64_t exchange(const char* what, unsigned mask, uint64_t value, int src_lane);
