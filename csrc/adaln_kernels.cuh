@@ -17,7 +17,7 @@ namespace blip3o_fast {
 namespace adaln {
 namespace {
 
-constexpr int64_t kMaxSharedBytes = 48 * 1024;
+constexpr int kFwdScratch = cuda::kWarp, kBwdScratch = 2 * cuda::kWarp;  // static block-sum scratch
 constexpr int kColTile = 32, kColRows = 8;  // column kernel: 32 columns x 8 row lanes per block
 
 template <typename scalar_t>
@@ -25,7 +25,7 @@ __global__ void forward_kernel(const FwdArgs<scalar_t> a) {
   using acc = acc_t<scalar_t>;
   B3F_DYNAMIC_SMEM(unsigned char, smem);
   acc* v = reinterpret_cast<acc*>(smem);
-  B3F_STATIC_SMEM(acc, scratch, [cuda::kWarp]);
+  B3F_STATIC_SMEM(acc, scratch, [kFwdScratch]);
   const int64_t row = blockIdx.x, b = row / a.S, C = a.C;
   const scalar_t* x = a.x + row * C;
   // each thread keeps to its own columns, so v needs no barrier between the passes
@@ -72,7 +72,7 @@ __global__ void backward_rows_kernel(const BwdArgs<scalar_t> a) {
   B3F_DYNAMIC_SMEM(unsigned char, smem);
   acc* xhat = reinterpret_cast<acc*>(smem);
   acc* g = xhat + a.C;
-  B3F_STATIC_SMEM(acc, scratch, [2 * cuda::kWarp]);
+  B3F_STATIC_SMEM(acc, scratch, [kBwdScratch]);
   const int64_t row = blockIdx.x, b = row / a.S, C = a.C;
   const scalar_t* x = a.x + row * C;
   const scalar_t* dh = a.grad_h + row * C;
@@ -100,11 +100,11 @@ __global__ void backward_rows_kernel(const BwdArgs<scalar_t> a) {
 
 // dshift = Σ_s dh, dscale = Σ_s dh·N(x), dgate = Σ_s dx_new·y for one (b, 32-column) tile
 template <typename scalar_t>
-__global__ void backward_columns_kernel(const BwdArgs<scalar_t> a) {
+__global__ void backward_columns_kernel(const BwdArgs<scalar_t> a, int64_t tiles) {
   using acc = acc_t<scalar_t>;
   B3F_STATIC_SMEM(acc, part, [3][kColRows][kColTile]);
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t b = blockIdx.y, c = static_cast<int64_t>(blockIdx.x) * kColTile + tx, C = a.C;
+  const int64_t b = blockIdx.x / tiles, c = (blockIdx.x % tiles) * kColTile + tx, C = a.C;
   acc s_shift = 0, s_scale = 0, s_gate = 0;
   if (c < C) {
     for (int64_t s = ty; s < a.S; s += kColRows) {
@@ -133,30 +133,39 @@ __global__ void backward_columns_kernel(const BwdArgs<scalar_t> a) {
   }
 }
 
-template <typename scalar_t>
-int64_t row_smem_bytes(int64_t C, int buffers) {
-  const int64_t bytes = buffers * C * static_cast<int64_t>(sizeof(acc_t<scalar_t>));
-  TORCH_CHECK(bytes <= kMaxSharedBytes, "C=", C, " is too wide for the CUDA AdaLN kernel (at most ",
-              kMaxSharedBytes / (buffers * sizeof(acc_t<scalar_t>)), " channels for this dtype)");
-  return bytes;
+// One row per block in shared memory: `buffers` rows of C values in the accumulation type. A kernel's
+// static and dynamic shared memory together pass 48 KiB only by opting in, up to the device's limit.
+template <typename scalar_t, typename Kernel, typename Args>
+void launch_rows(const char* name, Kernel kernel, const Args& a, int buffers, int64_t static_declared) {
+  const int64_t smem = buffers * a.C * static_cast<int64_t>(sizeof(acc_t<scalar_t>));
+  const int64_t static_smem = cuda::static_smem_bytes(kernel, static_declared), most = cuda::smem_optin_max();
+  TORCH_CHECK(smem + static_smem <= most, "C=", a.C, " is too wide for the CUDA AdaLN kernel (at most ",
+              (most - static_smem) / (buffers * static_cast<int64_t>(sizeof(acc_t<scalar_t>))),
+              " channels for this dtype on this device)");
+  if (smem + static_smem > cuda::kDefaultSmemBytes)
+    cuda::launch_opted_in(name, kernel, a.B * a.S, cuda::row_threads(a.C), smem, a);
+  else
+    cuda::launch(name, kernel, a.B * a.S, cuda::row_threads(a.C), smem, a);
 }
 
 struct CudaForward {
   template <typename scalar_t>
   void operator()(const FwdArgs<scalar_t>& a) const {
-    const int64_t smem = row_smem_bytes<scalar_t>(a.C, 1);
-    cuda::launch("adaln forward_kernel", forward_kernel<scalar_t>, a.B * a.S, cuda::row_threads(a.C), smem, a);
+    launch_rows<scalar_t>("adaln forward_kernel", forward_kernel<scalar_t>, a, 1,
+                          kFwdScratch * sizeof(acc_t<scalar_t>));
   }
 };
 
 struct CudaBackward {
   template <typename scalar_t>
   void operator()(const BwdArgs<scalar_t>& a) const {
-    const int64_t smem = row_smem_bytes<scalar_t>(a.C, 2);
-    cuda::launch("adaln backward_rows_kernel", backward_rows_kernel<scalar_t>, a.B * a.S, cuda::row_threads(a.C), smem,
-                 a);
-    const dim3 grid(cuda::ceil_div(a.C, kColTile), a.B), block(kColTile, kColRows);
-    cuda::launch("adaln backward_columns_kernel", backward_columns_kernel<scalar_t>, grid, block, 0, a);
+    launch_rows<scalar_t>("adaln backward_rows_kernel", backward_rows_kernel<scalar_t>, a, 2,
+                          kBwdScratch * sizeof(acc_t<scalar_t>));
+    // one block per (b, column tile), b-major along grid.x: grid.y would cap B at 65535
+    const int64_t tiles = cuda::ceil_div(a.C, kColTile);
+    TORCH_CHECK(tiles * a.B <= 0x7fffffff, "B·ceil(C/32) = ", tiles * a.B, " is too large for the CUDA AdaLN kernel");
+    cuda::launch("adaln backward_columns_kernel", backward_columns_kernel<scalar_t>, dim3(tiles * a.B),
+                 dim3(kColTile, kColRows), 0, a, tiles);
   }
 };
 

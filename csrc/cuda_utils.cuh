@@ -82,8 +82,46 @@ void launch(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, i
   ::simt::launch(name, kernel, grid, block, smem, kDefaultSmemBytes, std::forward<Args>(args)...);
 #else
   (void)name;
+  // clang-format off: a .cuh is formatted as C++, which splits the launch chevrons
   kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  // clang-format on
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// the most shared memory (static + dynamic) a block may opt in to on the current device
+inline int64_t smem_optin_max() {
+#if defined(BLIP3O_FAST_SIMT)
+  return ::simt::device().max_dynamic_smem_optin;
+#else
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+#endif
+}
+
+// the static shared memory of a kernel: the compiled truth on a GPU, `declared` (what its arrays
+// take, which the emulator checks as it runs them) on the emulator
+template <typename... KArgs>
+int64_t static_smem_bytes(void (*kernel)(KArgs...), int64_t declared) {
+#if defined(BLIP3O_FAST_SIMT)
+  (void)kernel;
+  return declared;
+#else
+  (void)declared;
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return static_cast<int64_t>(attr.sharedSizeBytes);
+#endif
+}
+
+// launch() for a kernel whose static + dynamic shared memory may pass 48 KiB: opts the kernel in to
+// `smem` bytes of dynamic shared memory first (the caller checked it fits the device)
+template <typename... KArgs, typename... Args>
+void launch_opted_in(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, int64_t smem, Args&&... args) {
+#if defined(BLIP3O_FAST_SIMT)
+  ::simt::launch(name, kernel, grid, block, smem, smem_optin_max(), std::forward<Args>(args)...);
+#else
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  launch(name, kernel, grid, block, smem, std::forward<Args>(args)...);
 #endif
 }
 

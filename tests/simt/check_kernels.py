@@ -168,3 +168,23 @@ def test_adaln_backward_past_65535_rows_of_grid():
     torch.testing.assert_close(h[rows], ref[1].detach(), rtol=1e-5, atol=1e-5)
     for got, leaf in zip(grads, leaves):
         torch.testing.assert_close(got[rows], leaf.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("C", [6144, 12288])
+def test_adaln_rows_past_48k_of_shared_memory_opt_in(C):
+    """fp32 rows of 48 KiB (the backward's two buffers at C=6144, the forward's one at C=12288) plus the
+    kernels' static block-sum scratch pass the default limit: the launch must opt in."""
+    simt.set_schedules(1)
+    leaves = [torch.randn(1, 2, C), 0.5 * torch.randn(1, C), 0.5 * torch.randn(1, C)]
+
+    def fn(impl, x, shift, scale):
+        return impl.adaln_modulate(x, shift, scale, 1e-6, "layer")
+
+    compare(fn, leaves)
+
+
+def test_adaln_too_wide_for_the_device_is_one_line():
+    x = torch.randn(1, 1, 60000)
+    p = torch.zeros(1, 60000)
+    with pytest.raises(RuntimeError, match=r"C=60000 is too wide for the CUDA AdaLN kernel \(at most 58080 channels"):
+        fused.adaln_modulate(x, p, p, 1e-6, "rms")
