@@ -12,7 +12,8 @@ namespace {
 using simt_ops::under_schedules;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_simt(const at::Tensor& x, const at::Tensor& shift,
-                                                        const at::Tensor& scale, double eps, c10::string_view norm) {
+                                                                   const at::Tensor& scale, double eps,
+                                                                   c10::string_view norm) {
   return under_schedules("adaln_modulate", [&] {
     auto [x_new, y, mean, rstd] = forward(x, nullptr, nullptr, shift, scale, eps, std::string(norm), CudaForward{});
     return std::make_tuple(y, mean, rstd);
@@ -20,18 +21,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_simt(const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_simt(const at::Tensor& grad_y, const at::Tensor& x,
-                                                            const at::Tensor& scale, const at::Tensor& mean,
-                                                            const at::Tensor& rstd, c10::string_view norm) {
+                                                                       const at::Tensor& scale, const at::Tensor& mean,
+                                                                       const at::Tensor& rstd, c10::string_view norm) {
   return under_schedules("adaln_modulate_bwd", [&] {
     auto g = backward(grad_y, nullptr, x, nullptr, nullptr, scale, mean, rstd, std::string(norm), CudaBackward{});
     return std::make_tuple(g[0], g[1], g[2]);
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_residual_adaln_simt(const at::Tensor& x, const at::Tensor& y,
-                                                                 const at::Tensor& gate, const at::Tensor& shift,
-                                                                 const at::Tensor& scale, double eps,
-                                                                 c10::string_view norm) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_residual_adaln_simt(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& shift, const at::Tensor& scale,
+    double eps, c10::string_view norm) {
   return under_schedules("gated_residual_adaln",
                          [&] { return forward(x, &y, &gate, shift, scale, eps, std::string(norm), CudaForward{}); });
 }

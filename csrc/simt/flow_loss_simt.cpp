@@ -16,19 +16,19 @@ at::Tensor flow_interpolate_simt(const at::Tensor& x1, const at::Tensor& x0, con
 }
 
 std::tuple<at::Tensor, at::Tensor> flow_interpolate_bwd_simt(const at::Tensor& grad, const at::Tensor& t, bool need_x1,
-                                              bool need_x0) {
+                                                             bool need_x0) {
   return under_schedules("flow_interpolate_bwd",
                          [&] { return interpolate_bwd(grad, t, need_x1, need_x0, CudaInterpolateBwd{}); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_simt(const at::Tensor& v, const at::Tensor& x1,
-                                                             const at::Tensor& x0, const at::Tensor& t,
-                                                             const c10::optional<at::Tensor>& weight) {
+                                                                       const at::Tensor& x0, const at::Tensor& t,
+                                                                       const c10::optional<at::Tensor>& weight) {
   return under_schedules("flow_matching_loss", [&] { return loss(v, x1, x0, t, weight, CudaLoss{}); });
 }
 
 at::Tensor flow_matching_loss_bwd_simt(const at::Tensor& grad_per_sample, const at::Tensor& v, const at::Tensor& x1,
-                             const at::Tensor& x0) {
+                                       const at::Tensor& x0) {
   return under_schedules("flow_matching_loss_bwd", [&] { return loss_bwd(grad_per_sample, v, x1, x0, CudaLossBwd{}); });
 }
 

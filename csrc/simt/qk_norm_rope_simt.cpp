@@ -11,11 +11,9 @@ namespace {
 
 using simt_ops::under_schedules;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_simt(const at::Tensor& q, const at::Tensor& k,
-                                                               const at::Tensor& weight_q, const at::Tensor& weight_k,
-                                                               double eps, const at::Tensor& cos_q,
-                                                               const at::Tensor& sin_q, const at::Tensor& cos_k,
-                                                               const at::Tensor& sin_k) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_simt(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& weight_q, const at::Tensor& weight_k, double eps,
+    const at::Tensor& cos_q, const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k) {
   return under_schedules("qk_norm_rope3d", [&] {
     return forward(q, k, weight_q, weight_k, eps, cos_q, sin_q, cos_k, sin_k, CudaForward{});
   });

@@ -24,7 +24,7 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr size_t kStackBytes = 128 * 1024;  // kernels keep a few dozen registers' worth of locals
-constexpr int kBallot = -1;  // exchange() source lane that asks for the mask of predicates
+constexpr int kBallot = -1;                 // exchange() source lane that asks for the mask of predicates
 constexpr unsigned kMaxBlockThreads = 1024, kMaxGridYZ = 65535;
 
 enum class State { Ready, Barrier, Exchange, Done };
@@ -70,8 +70,8 @@ thread_local std::vector<std::unique_ptr<detail::FiberStack>> tl_stacks;
 std::string where(const Block& b, int t) {
   std::ostringstream os;
   const auto& th = b.threads[t];
-  os << "kernel " << b.kernel << ", block (" << blockIdx.x << "," << blockIdx.y << "," << blockIdx.z
-     << "), thread (" << th.idx.x << "," << th.idx.y << "," << th.idx.z << ")";
+  os << "kernel " << b.kernel << ", block (" << blockIdx.x << "," << blockIdx.y << "," << blockIdx.z << "), thread ("
+     << th.idx.x << "," << th.idx.y << "," << th.idx.z << ")";
   return os.str();
 }
 
@@ -145,8 +145,8 @@ std::string deadlock(const Block& b) {
     if (th.state == State::Barrier) ++n_waiting, waiting = waiting < 0 ? th.linear : waiting;
     if (th.state == State::Done) ++n_done, done = done < 0 ? th.linear : done;
   }
-  os << "__syncthreads() reached by only part of the block (a deadlock on a GPU): " << n_waiting << " threads wait, first "
-     << where(b, waiting < 0 ? 0 : waiting) << "; " << n_done << " exited";
+  os << "__syncthreads() reached by only part of the block (a deadlock on a GPU): " << n_waiting
+     << " threads wait, first " << where(b, waiting < 0 ? 0 : waiting) << "; " << n_done << " exited";
   if (done >= 0) {
     const auto& d = b.threads[done].idx;
     os << ", first thread (" << d.x << "," << d.y << "," << d.z << ")";
@@ -210,7 +210,7 @@ Device& device() {
   return d;
 }
 
-std::vector<std::string> take_launch_log() { return std::exchange(tl_log, {}); }
+std::vector<std::string>& launch_log() { return tl_log; }
 
 namespace detail {
 
@@ -218,9 +218,8 @@ void launch(const char* name, dim3 grid, dim3 block, int64_t smem_bytes, int64_t
   if (tl_block) fail(std::string("kernel ") + name + " launched from inside kernel " + tl_block->kernel);
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   std::ostringstream cfg;
-  cfg << "kernel " << name << ": invalid configuration (grid " << grid.x << "x" << grid.y << "x" << grid.z
-      << ", block " << block.x << "x" << block.y << "x" << block.z << ", " << smem_bytes
-      << " bytes of dynamic shared memory): ";
+  cfg << "kernel " << name << ": invalid configuration (grid " << grid.x << "x" << grid.y << "x" << grid.z << ", block "
+      << block.x << "x" << block.y << "x" << block.z << ", " << smem_bytes << " bytes of dynamic shared memory): ";
   if (threads == 0 || threads > kMaxBlockThreads || block.z > 64) fail(cfg.str() + "block size");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > kMaxGridYZ || grid.z > kMaxGridYZ)
     fail(cfg.str() + "grid size (grid.y and grid.z are at most 65535)");

@@ -70,14 +70,13 @@ struct Device {
 };
 Device& device();
 
-// names of the kernels launched on this thread since the last call (for error messages)
-std::vector<std::string> take_launch_log();
+// names of the kernels launched on this thread, in order (cleared by whoever reads it)
+std::vector<std::string>& launch_log();
 
 namespace detail {
 
 using Thunk = void (*)(void*);
-void launch(const char* name, dim3 grid, dim3 block, int64_t smem_bytes, int64_t smem_limit, Thunk body,
-            void* ctx);
+void launch(const char* name, dim3 grid, dim3 block, int64_t smem_bytes, int64_t smem_limit, Thunk body, void* ctx);
 unsigned char* dynamic_smem();
 // a static __shared__ array of the running kernel: counted once per block against the launch's limit
 void note_static_smem(const void* array, size_t bytes);
@@ -107,8 +106,8 @@ T from_bits(uint64_t bits) {
 // Runs kernel(args...) over the grid. smem_limit: the dynamic shared memory the kernel may ask for
 // (48 KiB unless the launcher opted in, as cudaFuncSetAttribute would).
 template <typename... KArgs, typename... Args>
-void launch(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, int64_t smem_bytes,
-            int64_t smem_limit, Args&&... args) {
+void launch(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, int64_t smem_bytes, int64_t smem_limit,
+            Args&&... args) {
   struct Ctx {
     void (*kernel)(KArgs...);
     std::tuple<std::decay_t<KArgs>...> args;

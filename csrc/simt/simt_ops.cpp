@@ -3,6 +3,8 @@
 
 #include <torch/library.h>
 
+#include <utility>
+
 namespace blip3o_fast {
 namespace simt_ops {
 
@@ -50,7 +52,7 @@ void set_block_sample(int64_t n) {
   simt::device().block_sample = n;
 }
 
-std::vector<std::string> launches() { return simt::take_launch_log(); }
+std::vector<std::string> launches() { return std::exchange(simt::launch_log(), {}); }
 
 }  // namespace
 

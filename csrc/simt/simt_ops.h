@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstddef>
 #include <cstring>
 #include <sstream>
 #include <string>
@@ -42,15 +43,17 @@ auto under_schedules(const char* op, F&& f) {
     ~Restore() { simt::set_schedule(simt::Schedule::InOrder); }
   } restore;
   simt::set_schedule(simt::Schedule::InOrder);
-  simt::take_launch_log();
+  auto& log = simt::launch_log();
+  const size_t start = log.size();
   auto first = f();
-  const auto kernels = join(simt::take_launch_log());
+  const size_t end = log.size();  // the launches of one run stay in the log, for launches()
+  const auto kernels = join({log.begin() + static_cast<std::ptrdiff_t>(start), log.end()});
   std::vector<at::Tensor> want;
   collect(first, want);
   for (int s = 1; s < schedules() && s < simt::kSchedules; ++s) {
     simt::set_schedule(static_cast<simt::Schedule>(s));
     auto other = f();
-    simt::take_launch_log();
+    log.resize(end);
     std::vector<at::Tensor> got;
     collect(other, got);
     for (size_t i = 0; i < want.size(); ++i) {
@@ -58,9 +61,10 @@ auto under_schedules(const char* op, F&& f) {
       if (byte < 0) continue;
       const int64_t elem = byte / static_cast<int64_t>(want[i].element_size());
       std::ostringstream os;
-      os << "simt: " << op << ": output " << i << " differs between the " << simt::schedule_name(simt::Schedule::InOrder)
-         << " and " << simt::schedule_name(static_cast<simt::Schedule>(s)) << " thread schedules at element " << elem
-         << " (" << want[i].reshape(-1)[elem].item<double>() << " vs " << got[i].reshape(-1)[elem].item<double>()
+      os << "simt: " << op << ": output " << i << " differs between the "
+         << simt::schedule_name(simt::Schedule::InOrder) << " and "
+         << simt::schedule_name(static_cast<simt::Schedule>(s)) << " thread schedules at element " << elem << " ("
+         << want[i].reshape(-1)[elem].item<double>() << " vs " << got[i].reshape(-1)[elem].item<double>()
          << "): a race between the threads of a block (a missing __syncthreads()?) or a read of unwritten shared "
             "memory, in one of the kernels "
          << kernels;
