@@ -9,7 +9,7 @@ CUDA_HOME ?= /usr/local/cuda
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup build test test-fast cpp-test simt-build simt-test cuda-check bench demo clean
+.PHONY: setup build test test-fast cpp-test simt-build simt-test clang-format-check cuda-check bench demo clean
 
 # the main job on the embedded default: synthetic shards -> train the tiny DiT -> evaluate
 DEMO_DIR ?= demo
@@ -55,6 +55,12 @@ simt-test: simt-build
 	LD_PRELOAD="$$($(SIMT_CXX) -print-file-name=libasan.so) $$($(SIMT_CXX) -print-file-name=libstdc++.so)" \
 		ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=tests/simt \
 		$(PY) -m pytest -q -p simt_plugin -n 2 -p no:cacheprovider $(PYTEST_ARGS) $(SIMT_TESTS)
+
+# the C++ half of the format check: csrc/ (the SIMT emulator included) and cpp_tests/ as .clang-format says
+CLANG_FORMAT ?= $(VENV)/bin/clang-format
+CXX_SOURCES = $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/simt/*.h csrc/simt/*.cpp cpp_tests/*.cpp)
+clang-format-check: setup
+	$(CLANG_FORMAT) --dry-run --Werror $(CXX_SOURCES)
 
 # the CUDA kernels, compiled for sm_80/sm_90 against the CUDA build of torch, without a GPU
 cuda-check:

@@ -18,7 +18,7 @@ at::Tensor flow_interpolate_cuda(const at::Tensor& x1, const at::Tensor& x0, con
 }
 
 std::tuple<at::Tensor, at::Tensor> flow_interpolate_bwd_cuda(const at::Tensor& grad, const at::Tensor& t, bool need_x1,
-                                                              bool need_x0) {
+                                                             bool need_x0) {
   check_cuda(grad, "grad_x_t");
   const c10::cuda::CUDAGuard guard(grad.device());
   return interpolate_bwd(grad, t, need_x1, need_x0, CudaInterpolateBwd{});

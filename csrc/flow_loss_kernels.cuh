@@ -135,8 +135,8 @@ struct CudaLoss {
     acc* row_sq = work.data_ptr<acc>();
     acc* row_cos = row_sq + rows;
     const int64_t rows_per_block = kThreads / cuda::kWarp;
-    cuda::launch("flow loss_rows_kernel", loss_rows_kernel<scalar_t>, cuda::ceil_div(rows, rows_per_block), kThreads,
-                 0, a, row_sq, row_cos);
+    cuda::launch("flow loss_rows_kernel", loss_rows_kernel<scalar_t>, cuda::ceil_div(rows, rows_per_block), kThreads, 0,
+                 a, row_sq, row_cos);
     cuda::launch("flow loss_finalize_kernel", loss_finalize_kernel<scalar_t>, 1, kFinalizeThreads, 0, a, row_sq,
                  static_cast<const acc*>(row_cos));
   }

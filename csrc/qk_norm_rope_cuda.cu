@@ -10,7 +10,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& weight_q, const at::Tensor& weight_k, double eps,
     const at::Tensor& cos_q, const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k) {
-  check_inputs(q, k, weight_q, weight_k, cos_q, sin_q, cos_k, sin_k);  // mixed devices: named before the kernel's device
+  check_inputs(q, k, weight_q, weight_k, cos_q, sin_q, cos_k,
+               sin_k);  // mixed devices: named before the kernel's device
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(q.device());
   return forward(q, k, weight_q, weight_k, eps, cos_q, sin_q, cos_k, sin_k, CudaForward{});
@@ -20,11 +21,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_bwd_cu
     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& weight_q, const at::Tensor& weight_k, const at::Tensor& rstd_q, const at::Tensor& rstd_k,
     const at::Tensor& cos_q, const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k) {
-  check_inputs(q, k, weight_q, weight_k, cos_q, sin_q, cos_k, sin_k);  // mixed devices: named before the kernel's device
+  check_inputs(q, k, weight_q, weight_k, cos_q, sin_q, cos_k,
+               sin_k);  // mixed devices: named before the kernel's device
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(q.device());
-  return backward(grad_q, grad_k, q, k, weight_q, weight_k, rstd_q, rstd_k, cos_q, sin_q, cos_k, sin_k,
-                  CudaBackward{});
+  return backward(grad_q, grad_k, q, k, weight_q, weight_k, rstd_q, rstd_k, cos_q, sin_q, cos_k, sin_k, CudaBackward{});
 }
 
 }  // namespace

@@ -22,17 +22,15 @@ struct RopeView {
 
 inline void check_table(const at::Tensor& x, const char* xn, const at::Tensor& t, const char* n) {
   check_same_device(x, xn, t, n);
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(1) && 2 * t.size(1) == x.size(3), n,
-              " must have shape [S, D/2] = [", x.size(1), ", ", x.size(3) / 2, "] to match ", xn,
-              " of shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(1) && 2 * t.size(1) == x.size(3), n, " must have shape [S, D/2] = [",
+              x.size(1), ", ", x.size(3) / 2, "] to match ", xn, " of shape ", x.sizes(), ", got ", t.sizes());
   const auto want = acc_dtype(x.scalar_type());
-  TORCH_CHECK(t.scalar_type() == want, n, " must be ", want, " (float64 only when ", xn,
-              " is float64), got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == want, n, " must be ", want, " (float64 only when ", xn, " is float64), got ",
+              t.scalar_type());
 }
 
-inline void check_rope3d(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_q,
-                         const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k,
-                         const char* qn, const char* kn) {
+inline void check_rope3d(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_q, const at::Tensor& sin_q,
+                         const at::Tensor& cos_k, const at::Tensor& sin_k, const char* qn, const char* kn) {
   check_dim(q, 4, qn, "[B, S, H, D]");
   check_dim(k, 4, kn, "[B, S, H, D]");
   check_floating(q, qn);

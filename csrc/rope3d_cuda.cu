@@ -8,8 +8,9 @@ namespace rope {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> rope3d_rotate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_q,
-                                                 const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k,
-                                                 bool inverse, const char* qn, const char* kn) {
+                                                 const at::Tensor& sin_q, const at::Tensor& cos_k,
+                                                 const at::Tensor& sin_k, bool inverse, const char* qn,
+                                                 const char* kn) {
   check_rope3d(q, k, cos_q, sin_q, cos_k, sin_k, qn, kn);
   TORCH_CHECK(q.is_cuda(), qn, " must be a CUDA tensor for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(q.device());

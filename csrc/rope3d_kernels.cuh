@@ -36,8 +36,8 @@ __global__ void rope3d_kernel(const RopeView<scalar_t, table_t> q, const RopeVie
 #pragma unroll
   for (int i = 0; i < PAIRS; ++i) {
     table_t y0, y1;
-    rotate_pair<table_t>(static_cast<table_t>(in.v[2 * i]), static_cast<table_t>(in.v[2 * i + 1]), c[i],
-                         sign * s[i], &y0, &y1);
+    rotate_pair<table_t>(static_cast<table_t>(in.v[2 * i]), static_cast<table_t>(in.v[2 * i + 1]), c[i], sign * s[i],
+                         &y0, &y1);
     res.v[2 * i] = static_cast<scalar_t>(y0);
     res.v[2 * i + 1] = static_cast<scalar_t>(y1);
   }
@@ -61,8 +61,8 @@ void launch(const RopeView<scalar_t, table_t>& q, const RopeView<scalar_t, table
             int64_t k_pairs, table_t sign) {
   const int64_t q_groups = q_pairs / PAIRS, total = q_groups + k_pairs / PAIRS;
   constexpr int threads = 256;
-  cuda::launch(VEC ? "rope3d_kernel<vector>" : "rope3d_kernel<scalar>", rope3d_kernel<scalar_t, table_t, PAIRS, VEC>, cuda::ceil_div(total, threads), threads,
-               0, q, k, q_groups, total, sign);
+  cuda::launch(VEC ? "rope3d_kernel<vector>" : "rope3d_kernel<scalar>", rope3d_kernel<scalar_t, table_t, PAIRS, VEC>,
+               cuda::ceil_div(total, threads), threads, 0, q, k, q_groups, total, sign);
 }
 
 // the launcher rotate() calls: 16-byte vectors where both views allow them, else a pair per thread

@@ -36,8 +36,7 @@ __global__ void backward_kernel(const Args<scalar_t> p) {
     const scalar_t* a = p.ab + row * 2 * p.F;
     scalar_t* d = p.out + row * 2 * p.F;
     acc ga, gb;
-    swiglu::backward<acc>(static_cast<acc>(p.grad[i]), static_cast<acc>(a[c]), static_cast<acc>(a[p.F + c]), &ga,
-                          &gb);
+    swiglu::backward<acc>(static_cast<acc>(p.grad[i]), static_cast<acc>(a[c]), static_cast<acc>(a[p.F + c]), &ga, &gb);
     d[c] = static_cast<scalar_t>(ga);
     d[p.F + c] = static_cast<scalar_t>(gb);
   }
