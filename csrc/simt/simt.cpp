@@ -57,7 +57,9 @@ struct Block {
   detail::Context scheduler;
   std::unique_ptr<unsigned char[]> smem;
   int64_t smem_bytes = 0, smem_limit = 0, static_bytes = 0;
-  std::vector<const void*> static_arrays;
+  std::vector<const void*> static_arrays;    // counted against the limit, once per launch
+  std::vector<const void*> poisoned_arrays;  // filled with the schedule's byte, once per block
+  unsigned char fill = 0;
   std::string error;
   std::mt19937 rng;
 };
@@ -156,6 +158,8 @@ std::string deadlock(const Block& b) {
 
 void run_block(Block& b, unsigned char fill, int64_t smem_bytes) {
   if (smem_bytes > 0) std::memset(b.smem.get(), fill, static_cast<size_t>(smem_bytes));
+  b.fill = fill;
+  b.poisoned_arrays.clear();
   b.runnable.clear();
   b.at_barrier = 0;
   const int n = static_cast<int>(b.threads.size());
@@ -268,6 +272,12 @@ unsigned char* dynamic_smem() {
 
 void note_static_smem(const void* array, size_t bytes) {
   Block& b = *tl_block;
+  // the first thread of a block to declare the array finds it holding the schedule's byte, not what
+  // an earlier block or launch left: a read before any write differs between schedules
+  if (std::find(b.poisoned_arrays.begin(), b.poisoned_arrays.end(), array) == b.poisoned_arrays.end()) {
+    b.poisoned_arrays.push_back(array);
+    std::memset(const_cast<void*>(array), b.fill, bytes);
+  }
   if (std::find(b.static_arrays.begin(), b.static_arrays.end(), array) != b.static_arrays.end()) return;
   b.static_arrays.push_back(array);
   b.static_bytes += static_cast<int64_t>(bytes);
