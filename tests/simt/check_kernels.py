@@ -116,7 +116,7 @@ def test_swiglu_on_a_strided_view_and_flow_ops_striding_the_grid():
         return impl.swiglu(ab.transpose(0, 1))
 
     assert compare(fn, [ab]) == ["swiglu forward_kernel", "swiglu backward_kernel"]
-    v, x1, x0 = torch.randn(3, 3, 40, 80).unbind(0)
+    v, x1, x0 = torch.randn(3, 40, 3, 80).unbind(0)
     t, w = torch.rand(40), torch.rand(40)
 
     def loss(impl, v, x1, x0, t, w):
