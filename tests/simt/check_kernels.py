@@ -86,7 +86,7 @@ def test_rope3d_vector_and_scalar_paths(dtype, case):
 
     launched = compare(fn, [flat], n_grad_outputs=2)
     want = "rope3d_kernel<vector>" if case == "aligned" else "rope3d_kernel<scalar>"
-    assert want in launched and len(set(launched)) == 1, launched
+    assert launched[0] == want, launched  # the forward; the backward's gradients are fresh, aligned tensors
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
