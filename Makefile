@@ -9,7 +9,7 @@ CUDA_HOME ?= /usr/local/cuda
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup build test test-fast lint cpp-test cuda-check bench demo clean
+.PHONY: setup build test test-fast lint cpp-test simt-build simt-test clang-format-check cuda-check bench demo clean
 
 # the main job on the embedded default: synthetic shards -> train the tiny DiT -> evaluate
 DEMO_DIR ?= demo
@@ -31,8 +31,8 @@ build: setup
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS) tests
 
-# ruff on the whole tree (rules in pyproject.toml)
-lint: setup
+# the linters: ruff on the whole tree (rules in pyproject.toml), clang-format on the C++ (.clang-format)
+lint: setup clang-format-check
 	$(PY) -m ruff check .
 
 test-fast: setup
@@ -43,6 +43,28 @@ cpp-test: setup
 		-DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON
 	cmake --build build/cmake -j 2
 	ctest --test-dir build/cmake --output-on-failure
+
+# the CUDA kernels run on the CPU: the SIMT emulator (csrc/simt/, docs/simt.md) under AddressSanitizer,
+# the op tests against it (the emulated kernels replace the CPU ones in that pytest process)
+# libstdc++ is preloaded with libasan: the sanitizer must find __cxa_throw when it starts (Python has no C++)
+SIMT_CXX ?= g++
+SIMT_TESTS ?= tests/test_ops_adaln.py tests/test_ops_flow_loss.py tests/test_ops_qk_norm_rope.py \
+	tests/test_ops_rope3d.py tests/test_ops_swiglu.py tests/simt/check_emulator.py tests/simt/check_kernels.py
+simt-build: setup
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
+		-DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON
+	cmake --build build/cmake --target blip3o_fast_simt -j 2
+
+simt-test: simt-build
+	LD_PRELOAD="$$($(SIMT_CXX) -print-file-name=libasan.so) $$($(SIMT_CXX) -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=tests/simt \
+		$(PY) -m pytest -q -p simt_plugin -n 2 -p no:cacheprovider $(PYTEST_ARGS) $(SIMT_TESTS)
+
+# the C++ half of the format check: csrc/ (the SIMT emulator included) and cpp_tests/ as .clang-format says
+CLANG_FORMAT ?= $(VENV)/bin/clang-format
+CXX_SOURCES = $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/simt/*.h csrc/simt/*.cpp cpp_tests/*.cpp)
+clang-format-check: setup
+	$(CLANG_FORMAT) --dry-run --Werror $(CXX_SOURCES)
 
 # the CUDA kernels, compiled for sm_80/sm_90 against the CUDA build of torch, without a GPU
 cuda-check:

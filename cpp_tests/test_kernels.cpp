@@ -89,8 +89,7 @@ at::Tensor naive_modulate(const at::Tensor& x, const at::Tensor& shift, const at
       }
       for (int64_t c = 0; c < C; ++c) var += (xa[b][s][c] - mean) * (xa[b][s][c] - mean);
       const double rstd = 1.0 / std::sqrt(var / C + eps);
-      for (int64_t c = 0; c < C; ++c)
-        oa[b][s][c] = (xa[b][s][c] - mean) * rstd * (1.0 + sca[b][c]) + sha[b][c];
+      for (int64_t c = 0; c < C; ++c) oa[b][s][c] = (xa[b][s][c] - mean) * rstd * (1.0 + sca[b][c]) + sha[b][c];
     }
   return out;
 }
@@ -174,7 +173,8 @@ void test_adaln() {
     const bool layer = std::string(norm) == "layer";
     for (auto dtype : {at::kFloat, at::kDouble}) {
       auto x = (at::randn({3, 19, 77}) * 2 + 1).to(dtype), y = at::randn({3, 19, 77}).to(dtype);
-      auto shift = at::randn({3, 77}).to(dtype), scale = at::randn({3, 77}).to(dtype), gate = at::randn({3, 77}).to(dtype);
+      auto shift = at::randn({3, 77}).to(dtype), scale = at::randn({3, 77}).to(dtype),
+           gate = at::randn({3, 77}).to(dtype);
       const double tol = dtype == at::kFloat ? 5e-5 : 1e-12;
       auto out = std::get<0>(mod.call(x, shift, scale, 1e-6, norm));
       check_close(out, naive_modulate(x, shift, scale, 1e-6, layer), tol,
@@ -220,7 +220,8 @@ void test_flow() {
   auto loss_op = op<LossFn>("blip3o_fast::flow_matching_loss");
   auto loss_bwd = op<LossBwdFn>("blip3o_fast::flow_matching_loss_bwd");
   for (auto dtype : {at::kFloat, at::kDouble}) {
-    auto x1 = at::randn({4, 9, 33}).to(dtype), x0 = at::randn({4, 9, 33}).to(dtype), v = at::randn({4, 9, 33}).to(dtype);
+    auto x1 = at::randn({4, 9, 33}).to(dtype), x0 = at::randn({4, 9, 33}).to(dtype),
+         v = at::randn({4, 9, 33}).to(dtype);
     auto t = at::rand({4}), w = at::rand({4});
     const double tol = dtype == at::kFloat ? 1e-5 : 1e-12;
     auto td = t.to(at::kDouble).view({4, 1, 1});
@@ -234,7 +235,8 @@ void test_flow() {
     for (int64_t b = 0; b < 4; ++b) mse_ok &= std::abs(mse[b].item<double>() - naive_mse[b]) <= tol * 10;
     check(mse_ok, std::string("per_sample_mse vs naive loop, ") + c10::toString(dtype));
   }
-  auto x1 = at::randn({2, 3, 4}, at::kDouble), x0 = at::randn({2, 3, 4}, at::kDouble), v = at::randn({2, 3, 4}, at::kDouble);
+  auto x1 = at::randn({2, 3, 4}, at::kDouble), x0 = at::randn({2, 3, 4}, at::kDouble),
+       v = at::randn({2, 3, 4}, at::kDouble);
   auto t = at::rand({2}, at::kDouble), w = at::rand({2}, at::kDouble) + 0.5;
   // with grad_per_sample = w/B the backward is the loss gradient
   auto dv = loss_bwd.call(w / 2, v, x1, x0);
@@ -299,8 +301,10 @@ void test_qk_norm_rope() {
     auto ck = at::rand({5, 5}).to(tab), sk = at::rand({5, 5}).to(tab);
     auto [oq, ok, rq, rk] = fwd.call(q, k, wq, wk, eps, cq, sq, ck, sk);
     const double tol = dtype == at::kBFloat16 ? 1e-1 : (dtype == at::kFloat ? 1e-5 : 1e-12);
-    check_close(oq, naive_rope(naive_norm(q, wq), cq, sq), tol, std::string("q vs naive loop, ") + c10::toString(dtype));
-    check_close(ok, naive_rope(naive_norm(k, wk), ck, sk), tol, std::string("k vs naive loop, ") + c10::toString(dtype));
+    check_close(oq, naive_rope(naive_norm(q, wq), cq, sq), tol,
+                std::string("q vs naive loop, ") + c10::toString(dtype));
+    check_close(ok, naive_rope(naive_norm(k, wk), ck, sk), tol,
+                std::string("k vs naive loop, ") + c10::toString(dtype));
   }
   auto q = at::randn({2, 4, 2, 6}, at::kDouble), k = at::randn({2, 3, 2, 6}, at::kDouble);
   auto wq = at::randn({6}, at::kDouble), wk = at::randn({6}, at::kDouble);

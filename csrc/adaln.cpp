@@ -9,9 +9,9 @@
 
 #include <vector>
 
-#include "cpu_convert.h"
 #include "adaln.h"
 #include "adaln_math.h"
+#include "cpu_convert.h"
 
 namespace blip3o_fast {
 namespace adaln {
@@ -34,8 +34,7 @@ B3F_ALWAYS_INLINE void forward_rows(const FwdArgs<scalar_t>& a, int64_t begin, i
       scalar_t* x_new = a.x_new + row * C;
       for (int64_t c = 0; c < C; ++c) {
         // statistics of x_new as stored, which is what the backward sees
-        const scalar_t stored = store<scalar_t>(
-            gated_residual<acc>(load(x[c]), load(y[c]), load(gate[c])));
+        const scalar_t stored = store<scalar_t>(gated_residual<acc>(load(x[c]), load(y[c]), load(gate[c])));
         x_new[c] = stored;
         v[c] = load(stored);
       }
@@ -59,8 +58,7 @@ B3F_ALWAYS_INLINE void forward_rows(const FwdArgs<scalar_t>& a, int64_t begin, i
     const scalar_t* scale = a.scale + b * a.scale_stride;
     scalar_t* out = a.out + row * C;
     for (int64_t c = 0; c < C; ++c)
-      out[c] = store<scalar_t>(
-          modulate<acc>(normalized<acc>(v[c], mean, rstd), load(shift[c]), load(scale[c])));
+      out[c] = store<scalar_t>(modulate<acc>(normalized<acc>(v[c], mean, rstd), load(shift[c]), load(scale[c])));
   }
 }
 
@@ -114,13 +112,13 @@ B3F_ALWAYS_INLINE void backward_chunk(const BwdArgs<scalar_t>& a, int64_t b, int
 }
 
 // One multi-versioned instance per dtype (target_clones cannot apply to templates).
-#define B3F_ADALN_CLONES(scalar)                                                                      \
-  B3F_CPU_CLONES void forward_rows_cloned(const FwdArgs<scalar>& a, int64_t begin, int64_t end) {    \
-    forward_rows<scalar>(a, begin, end);                                                              \
-  }                                                                                                   \
+#define B3F_ADALN_CLONES(scalar)                                                                          \
+  B3F_CPU_CLONES void forward_rows_cloned(const FwdArgs<scalar>& a, int64_t begin, int64_t end) {         \
+    forward_rows<scalar>(a, begin, end);                                                                  \
+  }                                                                                                       \
   B3F_CPU_CLONES void backward_chunk_cloned(const BwdArgs<scalar>& a, int64_t b, int64_t row0, int64_t n, \
-                                            acc_t<scalar>* ps, acc_t<scalar>* pc, acc_t<scalar>* pg) {     \
-    backward_chunk<scalar>(a, b, row0, n, ps, pc, pg);                                                \
+                                            acc_t<scalar>* ps, acc_t<scalar>* pc, acc_t<scalar>* pg) {    \
+    backward_chunk<scalar>(a, b, row0, n, ps, pc, pg);                                                    \
   }
 B3F_ADALN_CLONES(float)
 B3F_ADALN_CLONES(double)
@@ -171,11 +169,15 @@ void backward_cpu(const BwdArgs<scalar_t>& a) {
 
 struct CpuForward {
   template <typename scalar_t>
-  void operator()(const FwdArgs<scalar_t>& a) const { forward_cpu(a); }
+  void operator()(const FwdArgs<scalar_t>& a) const {
+    forward_cpu(a);
+  }
 };
 struct CpuBackward {
   template <typename scalar_t>
-  void operator()(const BwdArgs<scalar_t>& a) const { backward_cpu(a); }
+  void operator()(const BwdArgs<scalar_t>& a) const {
+    backward_cpu(a);
+  }
 };
 
 void check_cpu(const at::Tensor& x) { TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel"); }

@@ -34,9 +34,9 @@ struct FwdArgs {
 template <typename scalar_t>
 struct BwdArgs {
   using acc = acc_t<scalar_t>;
-  const scalar_t* grad_h;      // dL/d(modulated output)
+  const scalar_t* grad_h;  // dL/d(modulated output)
   const scalar_t* grad_x_new = nullptr;
-  const scalar_t* x;           // the normalized input: x, or x_new for the gated op
+  const scalar_t* x;  // the normalized input: x, or x_new for the gated op
   const scalar_t* y = nullptr;
   const scalar_t* gate = nullptr;
   const scalar_t* scale;
@@ -55,9 +55,8 @@ struct BwdArgs {
 inline void check_param(const at::Tensor& x, const at::Tensor& p, const char* name) {
   check_same_device(x, "x", p, name);
   check_same_dtype(x, "x", p, name);
-  TORCH_CHECK(p.dim() == 2 && p.size(0) == x.size(0) && p.size(1) == x.size(2), name,
-              " must have shape [B, C] = [", x.size(0), ", ", x.size(2), "] to match x of shape ", x.sizes(),
-              ", got ", p.sizes());
+  TORCH_CHECK(p.dim() == 2 && p.size(0) == x.size(0) && p.size(1) == x.size(2), name, " must have shape [B, C] = [",
+              x.size(0), ", ", x.size(2), "] to match x of shape ", x.sizes(), ", got ", p.sizes());
 }
 
 inline void check_x(const at::Tensor& x, const char* name = "x") {
@@ -73,15 +72,15 @@ inline void check_like(const at::Tensor& x, const at::Tensor& t, const char* nam
 
 inline void check_stats(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, Norm norm) {
   const auto want = acc_dtype(x.scalar_type());
-  TORCH_CHECK(rstd.dim() == 2 && rstd.size(0) == x.size(0) && rstd.size(1) == x.size(1) &&
-                  rstd.scalar_type() == want,
-              "rstd must be ", want, " of shape [B, S] = [", x.size(0), ", ", x.size(1), "], got ",
-              rstd.scalar_type(), " ", rstd.sizes());
+  TORCH_CHECK(rstd.dim() == 2 && rstd.size(0) == x.size(0) && rstd.size(1) == x.size(1) && rstd.scalar_type() == want,
+              "rstd must be ", want, " of shape [B, S] = [", x.size(0), ", ", x.size(1), "], got ", rstd.scalar_type(),
+              " ", rstd.sizes());
   if (norm == Norm::Layer) {
     TORCH_CHECK(mean.sizes() == rstd.sizes() && mean.scalar_type() == want, "mean must be ", want,
                 " of shape [B, S] for norm=\"layer\", got ", mean.scalar_type(), " ", mean.sizes());
   }
   check_same_device(x, "x", rstd, "rstd");
+  if (norm == Norm::Layer) check_same_device(x, "x", mean, "mean");
 }
 
 // the statistics outputs: mean [B, S] (empty for RMSNorm) and rstd [B, S] in the accumulation dtype
@@ -97,7 +96,8 @@ inline std::pair<at::Tensor, at::Tensor> empty_stats(const at::Tensor& x, Norm n
 
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const at::Tensor* y_in,
-                                                                   const at::Tensor* gate_in, const at::Tensor& shift_in,
+                                                                   const at::Tensor* gate_in,
+                                                                   const at::Tensor& shift_in,
                                                                    const at::Tensor& scale_in, double eps,
                                                                    const std::string& norm_name, Launch&& launch) {
   const Norm norm = parse_norm(norm_name);

@@ -10,7 +10,6 @@
 
 #include "macros.h"
 
-
 namespace blip3o_fast {
 
 // float for fp32/bf16/fp16, double for fp64 (gradcheck runs in fp64)
@@ -18,24 +17,22 @@ template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;
 
 // the statistics / table dtype that goes with an input dtype: float64 for float64, else float32
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-                  t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kHalf ||
+                  t.scalar_type() == at::kBFloat16,
               name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
 inline void check_same_device(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb) {
-  TORCH_CHECK(a.device() == b.device(), na, " and ", nb, " must be on the same device, got ", a.device(),
-              " and ", b.device());
+  TORCH_CHECK(a.device() == b.device(), na, " and ", nb, " must be on the same device, got ", a.device(), " and ",
+              b.device());
 }
 
 inline void check_same_dtype(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), na, " and ", nb, " must have the same dtype, got ",
-              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), na, " and ", nb, " must have the same dtype, got ", a.scalar_type(),
+              " and ", b.scalar_type());
 }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {

@@ -34,8 +34,7 @@ B3F_ALWAYS_INLINE void interpolate_range(const InterpArgs<scalar_t>& a, int64_t 
   using acc = acc_t<scalar_t>;
   for_sample_segments(a, begin, end, [&](int64_t b, int64_t i0, int64_t i1) {
     const acc t = a.t[b];
-    for (int64_t i = i0; i < i1; ++i)
-      a.out[i] = store<scalar_t>(interpolate<acc>(load(a.a[i]), load(a.x0[i]), t));
+    for (int64_t i = i0; i < i1; ++i) a.out[i] = store<scalar_t>(interpolate<acc>(load(a.a[i]), load(a.x0[i]), t));
   });
 }
 
@@ -88,26 +87,25 @@ B3F_ALWAYS_INLINE void loss_bwd_rows(const LossArgs<scalar_t>& a, int64_t begin,
     const scalar_t* x0 = a.x0 + row * C;
     scalar_t* dv = a.grad_v + row * C;
     for (int64_t c = 0; c < C; ++c)
-      dv[c] = store<scalar_t>(velocity_grad<acc>(
-          load(v[c]), target_velocity<acc>(load(x1[c]), load(x0[c])), g,
-          inv_count));
+      dv[c] =
+          store<scalar_t>(velocity_grad<acc>(load(v[c]), target_velocity<acc>(load(x1[c]), load(x0[c])), g, inv_count));
   }
 }
 
 // One multi-versioned instance per dtype (target_clones cannot apply to templates).
-#define B3F_FLOW_CLONES(scalar)                                                                           \
-  B3F_CPU_CLONES void interpolate_cloned(const InterpArgs<scalar>& a, int64_t b, int64_t e) {             \
-    interpolate_range<scalar>(a, b, e);                                                                   \
-  }                                                                                                       \
-  B3F_CPU_CLONES void interpolate_bwd_cloned(const InterpArgs<scalar>& a, int64_t b, int64_t e) {         \
-    interpolate_bwd_range<scalar>(a, b, e);                                                               \
-  }                                                                                                       \
-  B3F_CPU_CLONES void loss_rows_cloned(const LossArgs<scalar>& a, acc_t<scalar>* sq, acc_t<scalar>* cs,   \
-                                       int64_t b, int64_t e) {                                            \
-    loss_rows<scalar>(a, sq, cs, b, e);                                                                   \
-  }                                                                                                       \
-  B3F_CPU_CLONES void loss_bwd_cloned(const LossArgs<scalar>& a, int64_t b, int64_t e) {                  \
-    loss_bwd_rows<scalar>(a, b, e);                                                                       \
+#define B3F_FLOW_CLONES(scalar)                                                                                    \
+  B3F_CPU_CLONES void interpolate_cloned(const InterpArgs<scalar>& a, int64_t b, int64_t e) {                      \
+    interpolate_range<scalar>(a, b, e);                                                                            \
+  }                                                                                                                \
+  B3F_CPU_CLONES void interpolate_bwd_cloned(const InterpArgs<scalar>& a, int64_t b, int64_t e) {                  \
+    interpolate_bwd_range<scalar>(a, b, e);                                                                        \
+  }                                                                                                                \
+  B3F_CPU_CLONES void loss_rows_cloned(const LossArgs<scalar>& a, acc_t<scalar>* sq, acc_t<scalar>* cs, int64_t b, \
+                                       int64_t e) {                                                                \
+    loss_rows<scalar>(a, sq, cs, b, e);                                                                            \
+  }                                                                                                                \
+  B3F_CPU_CLONES void loss_bwd_cloned(const LossArgs<scalar>& a, int64_t b, int64_t e) {                           \
+    loss_bwd_rows<scalar>(a, b, e);                                                                                \
   }
 B3F_FLOW_CLONES(float)
 B3F_FLOW_CLONES(double)
@@ -171,7 +169,7 @@ at::Tensor flow_interpolate_cpu(const at::Tensor& x1, const at::Tensor& x0, cons
 }
 
 std::tuple<at::Tensor, at::Tensor> flow_interpolate_bwd_cpu(const at::Tensor& grad, const at::Tensor& t, bool need_x1,
-                                                             bool need_x0) {
+                                                            bool need_x0) {
   check_cpu(grad, "grad_x_t");
   return interpolate_bwd(grad, t, need_x1, need_x0, CpuInterpolateBwd{});
 }

@@ -46,9 +46,9 @@ struct InterpArgs {
   const scalar_t* a;  // x1, or grad_x_t in the backward
   const scalar_t* x0 = nullptr;
   const acc_t<scalar_t>* t;
-  scalar_t* out;       // x_t, or grad_x1 in the backward (nullptr when not requested)
+  scalar_t* out;             // x_t, or grad_x1 in the backward (nullptr when not requested)
   scalar_t* out0 = nullptr;  // grad_x0 in the backward (nullptr when not requested)
-  int64_t B, per_sample;   // per_sample = S·C
+  int64_t B, per_sample;     // per_sample = S·C
 };
 
 template <typename scalar_t>
@@ -78,8 +78,13 @@ at::Tensor interpolate(const at::Tensor& x1_in, const at::Tensor& x0_in, const a
   auto out = at::empty(x1.sizes(), x1.options());
   if (x1.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x1.scalar_type(), "flow_interpolate", [&] {
-    InterpArgs<scalar_t> a{x1.data_ptr<scalar_t>(), x0.data_ptr<scalar_t>(), t.data_ptr<acc_t<scalar_t>>(),
-                           out.data_ptr<scalar_t>(), nullptr, x1.size(0), x1.size(1) * x1.size(2)};
+    InterpArgs<scalar_t> a{x1.data_ptr<scalar_t>(),
+                           x0.data_ptr<scalar_t>(),
+                           t.data_ptr<acc_t<scalar_t>>(),
+                           out.data_ptr<scalar_t>(),
+                           nullptr,
+                           x1.size(0),
+                           x1.size(1) * x1.size(2)};
     launch(a);
   });
   return out;
@@ -96,9 +101,12 @@ std::tuple<at::Tensor, at::Tensor> interpolate_bwd(const at::Tensor& grad_in, co
   at::Tensor grad_x0 = at::empty(need_x0 ? grad.sizes() : at::IntArrayRef(empty_shape), grad.options());
   if (grad.numel() == 0 || !(need_x1 || need_x0)) return {grad_x1, grad_x0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "flow_interpolate_bwd", [&] {
-    InterpArgs<scalar_t> a{grad.data_ptr<scalar_t>(), nullptr, t.data_ptr<acc_t<scalar_t>>(),
+    InterpArgs<scalar_t> a{grad.data_ptr<scalar_t>(),
+                           nullptr,
+                           t.data_ptr<acc_t<scalar_t>>(),
                            need_x1 ? grad_x1.data_ptr<scalar_t>() : nullptr,
-                           need_x0 ? grad_x0.data_ptr<scalar_t>() : nullptr, grad.size(0),
+                           need_x0 ? grad_x0.data_ptr<scalar_t>() : nullptr,
+                           grad.size(0),
                            grad.size(1) * grad.size(2)};
     launch(a);
   });

@@ -89,10 +89,10 @@ B3F_ALWAYS_INLINE void backward_rows(const View<scalar_t>& v, int64_t begin, int
   }
 }
 
-#define B3F_QKNR_CLONES(scalar)                                                                         \
+#define B3F_QKNR_CLONES(scalar)                                                                              \
   B3F_CPU_CLONES void forward_cloned(const View<scalar>& v, int64_t b, int64_t e) { forward_rows(v, b, e); } \
-  B3F_CPU_CLONES void backward_cloned(const View<scalar>& v, int64_t b, int64_t e, acc_t<scalar>* p) {   \
-    backward_rows(v, b, e, p);                                                                            \
+  B3F_CPU_CLONES void backward_cloned(const View<scalar>& v, int64_t b, int64_t e, acc_t<scalar>* p) {       \
+    backward_rows(v, b, e, p);                                                                               \
   }
 B3F_QKNR_CLONES(float)
 B3F_QKNR_CLONES(double)
@@ -132,7 +132,8 @@ struct CpuBackward {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& weight_q, const at::Tensor& weight_k, double eps,
     const at::Tensor& cos_q, const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k) {
-  check_inputs(q, k, weight_q, weight_k, cos_q, sin_q, cos_k, sin_k);  // mixed devices: named before the kernel's device
+  check_inputs(q, k, weight_q, weight_k, cos_q, sin_q, cos_k,
+               sin_k);  // mixed devices: named before the kernel's device
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel");
   return forward(q, k, weight_q, weight_k, eps, cos_q, sin_q, cos_k, sin_k, CpuForward{});
 }
@@ -141,10 +142,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope3d_bwd_cp
     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& weight_q, const at::Tensor& weight_k, const at::Tensor& rstd_q, const at::Tensor& rstd_k,
     const at::Tensor& cos_q, const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k) {
-  check_inputs(q, k, weight_q, weight_k, cos_q, sin_q, cos_k, sin_k);  // mixed devices: named before the kernel's device
+  check_inputs(q, k, weight_q, weight_k, cos_q, sin_q, cos_k,
+               sin_k);  // mixed devices: named before the kernel's device
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel");
-  return backward(grad_q, grad_k, q, k, weight_q, weight_k, rstd_q, rstd_k, cos_q, sin_q, cos_k, sin_k,
-                  CpuBackward{});
+  return backward(grad_q, grad_k, q, k, weight_q, weight_k, rstd_q, rstd_k, cos_q, sin_q, cos_k, sin_k, CpuBackward{});
 }
 
 }  // namespace

@@ -16,13 +16,13 @@ namespace qk_norm_rope {
 template <typename scalar_t>
 struct View {
   using acc = acc_t<scalar_t>;
-  const scalar_t* x;          // [B, S, H, D], any strides in B, S, H; dense in D
-  const scalar_t* weight;     // [D]
-  const acc* cos;             // [S, D/2]
+  const scalar_t* x;       // [B, S, H, D], any strides in B, S, H; dense in D
+  const scalar_t* weight;  // [D]
+  const acc* cos;          // [S, D/2]
   const acc* sin;
   const scalar_t* grad = nullptr;  // backward: dL/dout, contiguous [B, S, H, D]
-  scalar_t* out;              // forward: the output; backward: grad_x (both contiguous)
-  acc* rstd;                  // [B·S·H]: written by the forward, read by the backward
+  scalar_t* out;                   // forward: the output; backward: grad_x (both contiguous)
+  acc* rstd;                       // [B·S·H]: written by the forward, read by the backward
   int64_t rows, S, H, half;
   int64_t stride_b, stride_s, stride_h;
   acc eps;
@@ -42,7 +42,8 @@ inline void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          const at::Tensor& weight_k, const at::Tensor& cos_q, const at::Tensor& sin_q,
                          const at::Tensor& cos_k, const at::Tensor& sin_k) {
   rope::check_rope3d(q, k, cos_q, sin_q, cos_k, sin_k, "q", "k");
-  TORCH_CHECK(q.size(3) > 0 && k.size(3) > 0, "qk_norm_rope3d needs a head dim D > 0 (an empty head vector has no norm)");
+  TORCH_CHECK(q.size(3) > 0 && k.size(3) > 0,
+              "qk_norm_rope3d needs a head dim D > 0 (an empty head vector has no norm)");
   TORCH_CHECK(q.size(3) <= kMaxHeadDim && k.size(3) <= kMaxHeadDim, "qk_norm_rope3d supports head dims up to ",
               kMaxHeadDim, ", got D=", std::max(q.size(3), k.size(3)));
   check_weight(q, "q", weight_q, "weight_q");
@@ -51,8 +52,8 @@ inline void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 inline void check_rstd(const at::Tensor& x, const char* xn, const at::Tensor& rstd, const char* rn) {
   check_same_device(x, xn, rstd, rn);
-  TORCH_CHECK(rstd.scalar_type() == acc_dtype(x.scalar_type()), rn, " must be ", acc_dtype(x.scalar_type()),
-              ", got ", rstd.scalar_type());
+  TORCH_CHECK(rstd.scalar_type() == acc_dtype(x.scalar_type()), rn, " must be ", acc_dtype(x.scalar_type()), ", got ",
+              rstd.scalar_type());
   TORCH_CHECK(rstd.dim() == 3 && rstd.size(0) == x.size(0) && rstd.size(1) == x.size(1) && rstd.size(2) == x.size(2),
               rn, " must have shape [B, S, H] of ", xn, " ", x.sizes(), ", got ", rstd.sizes());
 }
@@ -89,10 +90,12 @@ View<scalar_t> make_view(const at::Tensor& x, const at::Tensor& weight, const at
 
 // The two passes of one op call, run by a device's kernels: forward(view) or backward(view, grad_weight_partials)
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& weight_q, const at::Tensor& weight_k,
-    double eps, const at::Tensor& cos_q, const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k,
-    Launch&& launch) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                   const at::Tensor& weight_q,
+                                                                   const at::Tensor& weight_k, double eps,
+                                                                   const at::Tensor& cos_q, const at::Tensor& sin_q,
+                                                                   const at::Tensor& cos_k, const at::Tensor& sin_k,
+                                                                   Launch&& launch) {
   check_inputs(q_in, k_in, weight_q, weight_k, cos_q, sin_q, cos_k, sin_k);
   const auto q = dense_rows(q_in), k = dense_rows(k_in);
   const auto acc_opts = q.options().dtype(acc_dtype(q.scalar_type()));

@@ -11,8 +11,7 @@ namespace rope {
 namespace {
 
 template <typename scalar_t, typename table_t>
-B3F_ALWAYS_INLINE void rotate_rows(const RopeView<scalar_t, table_t>& v, table_t sign, int64_t begin,
-                                   int64_t end) {
+B3F_ALWAYS_INLINE void rotate_rows(const RopeView<scalar_t, table_t>& v, table_t sign, int64_t begin, int64_t end) {
   const int64_t half = v.half, D = 2 * half;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / v.S, s = row % v.S;
@@ -23,8 +22,7 @@ B3F_ALWAYS_INLINE void rotate_rows(const RopeView<scalar_t, table_t>& v, table_t
       scalar_t* o = v.out + (row * v.H + h) * D;
       for (int64_t j = 0; j < half; ++j) {
         table_t y0, y1;
-        rotate_pair<table_t>(load(x[2 * j]), load(x[2 * j + 1]), c[j],
-                             sign * sn[j], &y0, &y1);
+        rotate_pair<table_t>(load(x[2 * j]), load(x[2 * j + 1]), c[j], sign * sn[j], &y0, &y1);
         o[2 * j] = store<scalar_t>(y0);
         o[2 * j + 1] = store<scalar_t>(y1);
       }
@@ -33,10 +31,9 @@ B3F_ALWAYS_INLINE void rotate_rows(const RopeView<scalar_t, table_t>& v, table_t
 }
 
 // One multi-versioned instance per dtype (target_clones cannot apply to templates).
-#define B3F_ROPE_CLONE(scalar, table)                                                              \
-  B3F_CPU_CLONES void rotate_rows_cloned(const RopeView<scalar, table>& v, table sign, int64_t b, \
-                                         int64_t e) {                                              \
-    rotate_rows<scalar, table>(v, sign, b, e);                                                     \
+#define B3F_ROPE_CLONE(scalar, table)                                                                          \
+  B3F_CPU_CLONES void rotate_rows_cloned(const RopeView<scalar, table>& v, table sign, int64_t b, int64_t e) { \
+    rotate_rows<scalar, table>(v, sign, b, e);                                                                 \
   }
 B3F_ROPE_CLONE(float, float)
 B3F_ROPE_CLONE(double, double)
@@ -45,8 +42,7 @@ B3F_ROPE_CLONE(at::BFloat16, float)
 #undef B3F_ROPE_CLONE
 
 template <typename scalar_t, typename table_t>
-void rotate_cpu(const at::Tensor& x, at::Tensor& out, const at::Tensor& cos, const at::Tensor& sin,
-                table_t sign) {
+void rotate_cpu(const at::Tensor& x, at::Tensor& out, const at::Tensor& cos, const at::Tensor& sin, table_t sign) {
   const auto v = make_view<scalar_t, table_t>(x, out, cos, sin);
   const int64_t rows = x.size(0) * x.size(1);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, x.size(2) * x.size(3)));

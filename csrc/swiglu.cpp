@@ -20,8 +20,7 @@ B3F_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& p, int64_t begin, int6
     const scalar_t* b = a + F;
     scalar_t* out = p.out + row * F;
 #pragma omp simd
-    for (int64_t c = 0; c < F; ++c)
-      out[c] = store<scalar_t>(swiglu::forward<acc>(load(a[c]), load(b[c])));
+    for (int64_t c = 0; c < F; ++c) out[c] = store<scalar_t>(swiglu::forward<acc>(load(a[c]), load(b[c])));
   }
 }
 
@@ -45,7 +44,7 @@ B3F_ALWAYS_INLINE void backward_rows(const Args<scalar_t>& p, int64_t begin, int
   }
 }
 
-#define B3F_SWIGLU_CLONES(scalar)                                                                       \
+#define B3F_SWIGLU_CLONES(scalar)                                                                            \
   B3F_CPU_CLONES void forward_cloned(const Args<scalar>& p, int64_t b, int64_t e) { forward_rows(p, b, e); } \
   B3F_CPU_CLONES void backward_cloned(const Args<scalar>& p, int64_t b, int64_t e) { backward_rows(p, b, e); }
 B3F_SWIGLU_CLONES(float)

@@ -46,8 +46,10 @@ at::Tensor backward(const at::Tensor& grad_in, const at::Tensor& ab_in, Launch&&
   check_same_dtype(ab_in, "ab", grad_in, "grad");
   auto want = ab_in.sizes().vec();
   want.back() /= 2;
-  TORCH_CHECK(grad_in.sizes().vec() == want, "grad must have shape ", at::IntArrayRef(want), " (ab's with half the "
-              "last dim), got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.sizes().vec() == want, "grad must have shape ", at::IntArrayRef(want),
+              " (ab's with half the "
+              "last dim), got ",
+              grad_in.sizes());
   const auto ab = ab_in.contiguous(), grad = grad_in.contiguous();
   auto grad_ab = at::empty(ab.sizes(), ab.options());
   if (grad.numel() == 0) return grad_ab;

@@ -1,65 +1,11 @@
-// swiglu: CUDA kernel, one thread per output element (grid-stride), reading a and b of its row.
+// swiglu: the CUDA entry points and their registration; the kernels are in swiglu_kernels.cuh.
 #include <torch/library.h>
 
-#include "cuda_utils.cuh"
-#include "swiglu.h"
-#include "swiglu_math.h"
+#include "swiglu_kernels.cuh"
 
 namespace blip3o_fast {
 namespace swiglu {
 namespace {
-
-constexpr int kThreads = 256;
-
-template <typename scalar_t>
-__global__ void forward_kernel(const Args<scalar_t> p) {
-  using acc = acc_t<scalar_t>;
-  const int64_t n = p.rows * p.F;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / p.F, c = i - row * p.F;
-    const scalar_t* a = p.ab + row * 2 * p.F;
-    p.out[i] = static_cast<scalar_t>(swiglu::forward<acc>(static_cast<acc>(a[c]), static_cast<acc>(a[p.F + c])));
-  }
-}
-
-template <typename scalar_t>
-__global__ void backward_kernel(const Args<scalar_t> p) {
-  using acc = acc_t<scalar_t>;
-  const int64_t n = p.rows * p.F;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / p.F, c = i - row * p.F;
-    const scalar_t* a = p.ab + row * 2 * p.F;
-    scalar_t* d = p.out + row * 2 * p.F;
-    acc ga, gb;
-    swiglu::backward<acc>(static_cast<acc>(p.grad[i]), static_cast<acc>(a[c]), static_cast<acc>(a[p.F + c]), &ga,
-                          &gb);
-    d[c] = static_cast<scalar_t>(ga);
-    d[p.F + c] = static_cast<scalar_t>(gb);
-  }
-}
-
-int blocks(int64_t n) {
-  const int64_t most = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
-  return static_cast<int>(std::max<int64_t>(1, std::min(cuda::ceil_div(n, kThreads), most)));
-}
-
-struct CudaForward {
-  template <typename scalar_t>
-  void operator()(const Args<scalar_t>& p) const {
-    forward_kernel<scalar_t><<<blocks(p.rows * p.F), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
-
-struct CudaBackward {
-  template <typename scalar_t>
-  void operator()(const Args<scalar_t>& p) const {
-    backward_kernel<scalar_t><<<blocks(p.rows * p.F), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 at::Tensor swiglu_cuda(const at::Tensor& ab) {
   TORCH_CHECK(ab.is_cuda(), "ab must be a CUDA tensor for the CUDA kernel");

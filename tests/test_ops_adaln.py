@@ -205,3 +205,6 @@ def test_mixed_devices():
         op.adaln_modulate(x, shift.cpu(), scale, EPS, "layer")
     with pytest.raises(RuntimeError, match="must be on the same device"):
         op.gated_residual_adaln(x, y.cpu(), gate, shift, scale, EPS, "rms")
+    _, mean, rstd = op.adaln_modulate(x, shift, scale, EPS, "layer")
+    with pytest.raises(RuntimeError, match="x and mean must be on the same device"):
+        op.adaln_modulate_bwd(x, x, scale, mean.cpu(), rstd, "layer")
