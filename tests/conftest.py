@@ -47,10 +47,9 @@ def assert_close_to_gold(out, ref_lowp, gold, name="output", factor=2.0):
 def run_with_grads(fn, inputs, grad_outputs, grad_inputs):
     """Calls fn(*inputs) with fresh leaves for the inputs named by index in grad_inputs, backprops
     grad_outputs (moved to each output's device and dtype) into its floating outputs, and returns
-    (outputs, grads)."""
-    leaves = [
-        x.detach().clone().requires_grad_(True) if i in grad_inputs else x for i, x in enumerate(inputs)
-    ]
+    (outputs, grads). The leaves are the inputs themselves, detached: views keep their strides, so a
+    non-contiguous input reaches the kernel as it is (clone() would hand it a contiguous copy)."""
+    leaves = [x.detach().requires_grad_(True) if i in grad_inputs else x for i, x in enumerate(inputs)]
     outs = fn(*leaves)
     outs = outs if isinstance(outs, (tuple, list)) else (outs,)
     pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None]

@@ -66,3 +66,18 @@ def test_rope_helpers_follow_the_device(on_meta, dtype):
     test_ops_qk_norm_rope.test_matches_reference("meta", dtype, (2, 16, 4, 65, 4, 64))
     assert len(on_meta) == 4 + 8
 
+
+def test_leaves_keep_the_input_strides():
+    """A "non-contiguous" test must hand the kernel the view itself, not a contiguous copy of it."""
+    qkv = torch.randn(2, 5, 3, 4, 8)
+    q = qkv[:, :, 0]  # what the fused qkv projection gives: stride over S is 3C
+    assert not q.is_contiguous()
+    seen = []
+
+    def record(x):
+        seen.append(x.stride())
+        return x * 2
+
+    _, grads = conftest.run_with_grads(record, (q,), [torch.ones(q.shape)], [0])
+    assert seen == [q.stride()]
+    torch.testing.assert_close(grads[0], torch.full(q.shape, 2.0))

@@ -111,6 +111,7 @@ def test_loss_target_grads_and_noncontiguous(device):
     v_t = v.transpose(0, 1).contiguous().transpose(0, 1)  # same values, [S, B, C] storage
     x1_s = torch.cat([x1, x1], dim=-1)[..., ::2]  # strided last dim
     x1_s.copy_(x1)
+    assert not (v_t.is_contiguous() or x1_s.is_contiguous())  # and run_with_grads keeps them so
     loss_compare((v_t, x1_s, x0, t, w), with_target_grads=True)
 
 
