@@ -40,12 +40,12 @@ cpp-test: setup
 	cmake --build build/cmake -j 2
 	ctest --test-dir build/cmake --output-on-failure
 
-# the CUDA kernels, compiled for sm_80/sm_90 against the CUDA build of torch, without a GPU
+# the CUDA kernels, compiled for sm_80/sm_90 (+PTX for newer GPUs) against the CUDA build of torch, without a GPU
 cuda-check:
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH_SPEC)" numpy ninja setuptools wheel pyyaml
 	rm -rf build/cuda/lib
-	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=$${MAX_JOBS:-2} \
+	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" MAX_JOBS=$${MAX_JOBS:-2} \
 		$(CUDA_VENV)/bin/python setup.py -q build --build-base build/cuda --build-lib build/cuda/lib
 	cd build/cuda/lib && PYTHONPATH=. ../../../$(CUDA_VENV)/bin/python ../../../tests/cuda_check.py
 
