@@ -81,7 +81,8 @@ def check_sass(archs: list[str]) -> None:
     listing = subprocess.run([cuobjdump, "--list-elf", path], capture_output=True, text=True, check=True).stdout
     found = sorted(set(re.findall(r"sm_(\d+)", listing)))
     for arch in archs:
-        check(arch.removesuffix("+ptx") in found, f"SASS for sm_{arch.removesuffix('+ptx')} in {lib} (found sm_{', sm_'.join(found)})")
+        sass = arch.removesuffix("+ptx")
+        check(sass in found, f"SASS for sm_{sass} in {lib} (found sm_{', sm_'.join(found)})")
     # +PTX: the newest arch also ships as PTX, which the driver compiles for GPUs newer than every SASS
     ptx = subprocess.run([cuobjdump, "--list-ptx", path], capture_output=True, text=True).stdout
     for arch in (a.removesuffix("+ptx") for a in archs if a.endswith("+ptx")):

@@ -67,7 +67,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def setup_py(env_extra, prelude=""):
     """`python setup.py --name` (setup.py decides CPU or CUDA at import, before any build), with `prelude`
     run first in the same interpreter."""
-    code = f"{prelude}\nimport runpy, sys\nsys.argv = ['setup.py', '--name']\nrunpy.run_path('setup.py', run_name='__main__')"
+    code = (f"{prelude}\nimport runpy, sys\nsys.argv = ['setup.py', '--name']\n"
+            "runpy.run_path('setup.py', run_name='__main__')")
     env = {**os.environ, "CUDA_HOME": "/nowhere", **env_extra}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
 

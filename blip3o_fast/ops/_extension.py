@@ -11,7 +11,8 @@ import torch
 from ..errors import UserError
 
 REBUILD = "rebuild it with `make setup` (or `pip install --no-build-isolation -e .`)"
-CUDA_REBUILD = "rebuild it with CUDA_HOME set and BLIP3O_FAST_FORCE_CUDA=1 (which fails loudly where CUDA cannot be built)"
+CUDA_REBUILD = ("rebuild it with CUDA_HOME set and BLIP3O_FAST_FORCE_CUDA=1 (which fails loudly where CUDA "
+                "cannot be built)")
 _INFO_FILE = Path(__file__).resolve().parent.parent / "_C.build.json"
 _cuda_stubs = None  # the torch.library.Library holding the CUDA stubs of a CPU-only build (kept alive)
 _stubbed: set[str] = set()  # the ops whose CUDA "kernel" is such a stub
