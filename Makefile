@@ -9,7 +9,8 @@ CUDA_HOME ?= /usr/local/cuda
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup build test test-fast lint cpp-test simt-build simt-test clang-format-check cuda-check bench demo clean
+.PHONY: setup build test test-fast lint cpp-test simt-build simt-test clang-format-check cuda-check gpu-check-dry \
+	bench demo clean
 
 # the main job on the embedded default: synthetic shards -> train the tiny DiT -> evaluate
 DEMO_DIR ?= demo
@@ -66,14 +67,23 @@ CXX_SOURCES = $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/simt/*.h 
 clang-format-check: setup
 	$(CLANG_FORMAT) --dry-run --Werror $(CXX_SOURCES)
 
-# the CUDA kernels, compiled for sm_80/sm_90 against the CUDA build of torch, without a GPU
+# the CUDA kernels, compiled for sm_80/sm_90 (+PTX for newer GPUs) against the CUDA build of torch, without a GPU
 cuda-check:
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH_SPEC)" numpy ninja setuptools wheel pyyaml
 	rm -rf build/cuda/lib
-	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=$${MAX_JOBS:-2} \
+	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" MAX_JOBS=$${MAX_JOBS:-2} \
 		$(CUDA_VENV)/bin/python setup.py -q build --build-base build/cuda --build-lib build/cuda/lib
 	cd build/cuda/lib && PYTHONPATH=. ../../../$(CUDA_VENV)/bin/python ../../../tests/cuda_check.py
+
+# bench/gpu_check.sh rehearsed here (a few minutes): the offline install of .whl/ into a temp target, each
+# stage's command with its CUDA parts skipped or on the CPU, every pytest selection of the GPU run collecting
+# more than zero tests, and the table of stages and limits. A script bug found here does not cost the GPU slot.
+.whl/.complete: bench/gpu_wheels.sh
+	bash bench/gpu_wheels.sh
+
+gpu-check-dry: setup .whl/.complete
+	DRY=1 PY=$(PY) OUT=build/gpu-check-dry bash bench/gpu_check.sh
 
 # the CPU benchmark suite; each run adds a JSON (device, versions, commit inside) to bench/results/
 ifndef BENCH_JSON  # expanded once: a recursive `date` would name a different file on each use

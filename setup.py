@@ -6,7 +6,9 @@ on a machine without a GPU); a CppExtension otherwise.
 
 Knobs (environment):
   BLIP3O_FAST_CPU_ONLY=1   build the CPU kernels only, even where CUDA is available
-  TORCH_CUDA_ARCH_LIST     CUDA archs, default "8.0;9.0"
+  BLIP3O_FAST_FORCE_CUDA=1 build the CUDA kernels or fail in one line saying why not (without it a machine
+                           lacking nvcc or a CUDA torch quietly gets a CPU-only build)
+  TORCH_CUDA_ARCH_LIST     CUDA archs, default "8.0;9.0+PTX" (the PTX JIT-compiles on newer GPUs)
   MAX_JOBS                 parallel compile jobs (read by torch's ninja builder)
   DEBUG=1                  -O0 -g, device line info
 """
@@ -38,8 +40,18 @@ def _cuda_home():
 
 
 def _want_cuda() -> bool:
-    if _truthy("BLIP3O_FAST_CPU_ONLY"):
+    forced, cpu_only = _truthy("BLIP3O_FAST_FORCE_CUDA"), _truthy("BLIP3O_FAST_CPU_ONLY")
+    if forced and cpu_only:
+        sys.exit("error: BLIP3O_FAST_FORCE_CUDA=1 and BLIP3O_FAST_CPU_ONLY=1 contradict each other: unset one")
+    if cpu_only:
         return False
+    if forced and torch.version.cuda is None:
+        sys.exit(f"error: BLIP3O_FAST_FORCE_CUDA=1 but torch {torch.__version__} is a CPU-only build: "
+                 "install a CUDA build of torch")
+    if forced and _cuda_home() is None:
+        home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME or "(unset)"
+        sys.exit(f"error: BLIP3O_FAST_FORCE_CUDA=1 but there is no nvcc under CUDA_HOME={home}: "
+                 f"set CUDA_HOME to the CUDA toolkit")
     return torch.version.cuda is not None and _cuda_home() is not None
 
 
@@ -67,7 +79,7 @@ def _extension():
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         nvcc = ["-O0", "-G"] if debug else ["-O3", "-lineinfo"]
         nvcc += ["--use_fast_math", "--expt-relaxed-constexpr"]
         # cuBLAS/cuSPARSE headers of pip-installed CUDA torch builds live in nvidia/cu*/include

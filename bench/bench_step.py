@@ -25,13 +25,14 @@ Peak memory is parameters, gradients and AdamW state plus the peak of what one s
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from baselines.prior_dit import PriorStyleDiT, prior_training_loss
-from conftest import cuda_event_median_s, sync
+from conftest import COLLECT_CUDA, cuda_event_median_s, sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -50,7 +51,7 @@ CASES = {
 }
 # issue 8's end-to-end case, GPU only: the base model on eva_to_clip with 256 target tokens, bf16 (the prior
 # style as it ran: fp16 autocast), batch 64 already on the device
-if torch.cuda.is_available():
+if torch.cuda.is_available() or COLLECT_CUDA:
     CASES["base-eva_to_clip-256"] = ("base", "eva_to_clip", 64, 10, ["fused-bf16", "unfused-bf16", "compiled-bf16",
                                                                      "fused+compiled-bf16", "prior"])
 CUDA_ONLY = {"base-eva_to_clip-256"}
@@ -179,6 +180,7 @@ def test_train_step(benchmark, case, variant, device):
         step()
     warmup_s = time.perf_counter() - start
     batch, rounds = CASES[case][2:4]
+    rounds = int(os.environ.get("BENCH_STEP_ROUNDS", rounds))  # `make gpu-check-dry` smokes with fewer
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
     stats = benchmark.stats.stats
     median, best = stats.median, stats.min

@@ -3,13 +3,17 @@ JSON."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import subprocess
 
 import pytest
 import torch
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# BLIP3O_FAST_COLLECT_CUDA=1: the cuda cases without a GPU, for `--collect-only` in `make gpu-check-dry`
+COLLECT_CUDA = os.environ.get("BLIP3O_FAST_COLLECT_CUDA") == "1"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() or COLLECT_CUDA else [])
 
 
 def sync(device: str) -> None:
@@ -55,3 +59,22 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+_FINISHED: list[dict] = []
+
+
+@pytest.fixture(autouse=True)
+def _save_as_you_go(request):
+    """BENCH_PARTIAL_JSON=FILE: every finished benchmark is in FILE at once, in --benchmark-json's layout.
+    pytest-benchmark writes its JSON when the session ends, so a run stopped by its time limit (the GPU
+    script's stages) would otherwise leave nothing."""
+    yield
+    path = os.environ.get("BENCH_PARTIAL_JSON")
+    stats = getattr(request.node.funcargs.get("benchmark"), "stats", None) if path else None
+    if stats is None:
+        return
+    _FINISHED.append(stats.as_dict(include_data=False))
+    with open(path + ".tmp", "w") as f:
+        json.dump({"benchmarks": _FINISHED}, f, default=str)
+    os.replace(path + ".tmp", path)  # whole or absent, never half-written

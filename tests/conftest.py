@@ -10,7 +10,9 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+# BLIP3O_FAST_COLLECT_CUDA=1 adds the cuda cases without a GPU, only for `--collect-only`: `make gpu-check-dry`
+# counts what each pytest selection of the GPU run would select (running them here fails)
+DEVICES = ["cpu"] + (["cuda"] if CUDA or os.environ.get("BLIP3O_FAST_COLLECT_CUDA") == "1" else [])
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 
 # absolute slack added to the 2x rule, per dtype: covers outputs whose reference error is ~0
@@ -46,14 +48,14 @@ def assert_close_to_gold(out, ref_lowp, gold, name="output", factor=2.0):
 
 def run_with_grads(fn, inputs, grad_outputs, grad_inputs):
     """Calls fn(*inputs) with fresh leaves for the inputs named by index in grad_inputs, backprops
-    grad_outputs into its floating outputs, and returns (outputs, grads)."""
-    leaves = [
-        x.detach().clone().requires_grad_(True) if i in grad_inputs else x for i, x in enumerate(inputs)
-    ]
+    grad_outputs (moved to each output's device and dtype) into its floating outputs, and returns
+    (outputs, grads). The leaves are the inputs themselves, detached: views keep their strides, so a
+    non-contiguous input reaches the kernel as it is (clone() would hand it a contiguous copy)."""
+    leaves = [x.detach().requires_grad_(True) if i in grad_inputs else x for i, x in enumerate(inputs)]
     outs = fn(*leaves)
     outs = outs if isinstance(outs, (tuple, list)) else (outs,)
     pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None]
-    torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+    torch.autograd.backward([o for o, _ in pairs], [g.to(device=o.device, dtype=o.dtype) for o, g in pairs])
     return [o.detach() for o in outs], [leaves[i].grad for i in grad_inputs]
 
 

@@ -81,7 +81,12 @@ def check_sass(archs: list[str]) -> None:
     listing = subprocess.run([cuobjdump, "--list-elf", path], capture_output=True, text=True, check=True).stdout
     found = sorted(set(re.findall(r"sm_(\d+)", listing)))
     for arch in archs:
-        check(arch in found, f"SASS for sm_{arch} in {lib} (found sm_{', sm_'.join(found)})")
+        sass = arch.removesuffix("+ptx")
+        check(sass in found, f"SASS for sm_{sass} in {lib} (found sm_{', sm_'.join(found)})")
+    # +PTX: the newest arch also ships as PTX, which the driver compiles for GPUs newer than every SASS
+    ptx = subprocess.run([cuobjdump, "--list-ptx", path], capture_output=True, text=True).stdout
+    for arch in (a.removesuffix("+ptx") for a in archs if a.endswith("+ptx")):
+        check(f"sm_{arch}" in ptx or f"compute_{arch}" in ptx, f"PTX for compute_{arch} in {lib}")
     # the compiler's resource report: registers, shared memory, and no spills to local memory
     usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
                            check=True).stdout
@@ -155,7 +160,7 @@ def trace_with_fake_cuda_tensors() -> None:
 
 
 def main() -> None:
-    archs = [a.replace(".", "") for a in os.environ.get("CHECK_ARCHS", "8.0;9.0").split(";")]
+    archs = [a.replace(".", "").lower() for a in os.environ.get("CHECK_ARCHS", "8.0;9.0+PTX").split(";")]
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), checking archs {archs}")
     check_build()
     check_sass(archs)

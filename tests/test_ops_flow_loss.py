@@ -84,7 +84,8 @@ def test_interpolate_convention():
 
 def loss_compare(inputs, with_target_grads=False):
     grad_inputs = [0, 1, 2] if with_target_grads else [0]
-    grads = [torch.tensor(1.3), torch.randn(inputs[0].shape[0]), None]  # loss and per_sample_mse both used
+    device = inputs[0].device
+    grads = [torch.tensor(1.3, device=device), torch.randn(inputs[0].shape[0]).to(device), None]  # both used
     fn = lambda impl: (lambda v, x1, x0, t, w: impl.flow_matching_loss(v, x1, x0, t, w))
     outs, dgrads = run_with_grads(fn(fused), inputs, grads, grad_inputs)
     ref_outs, ref_grads = run_with_grads(fn(reference), inputs, grads, grad_inputs)
@@ -110,6 +111,7 @@ def test_loss_target_grads_and_noncontiguous(device):
     v_t = v.transpose(0, 1).contiguous().transpose(0, 1)  # same values, [S, B, C] storage
     x1_s = torch.cat([x1, x1], dim=-1)[..., ::2]  # strided last dim
     x1_s.copy_(x1)
+    assert not (v_t.is_contiguous() or x1_s.is_contiguous())  # and run_with_grads keeps them so
     loss_compare((v_t, x1_s, x0, t, w), with_target_grads=True)
 
 

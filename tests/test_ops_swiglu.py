@@ -15,7 +15,7 @@ fused = ops.select(True)
 
 
 def check(ab):
-    grad = torch.randn(*ab.shape[:-1], ab.shape[-1] // 2)
+    grad = torch.randn(*ab.shape[:-1], ab.shape[-1] // 2).to(ab.device)
     outs, grads = run_with_grads(fused.swiglu, (ab,), [grad], [0])
     ref_outs, ref_grads = run_with_grads(reference.swiglu, (ab,), [grad], [0])
     gold_outs, gold_grads = run_with_grads(reference.swiglu, (ab.double(),), [grad], [0])

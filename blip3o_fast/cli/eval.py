@@ -26,6 +26,10 @@ def run(args) -> int:
     overrides = [f"data.path={args.data}"] if args.data else []
     cfg = load_config(config_file, overrides)
     dist_info = distributed.init()
+    if cfg.model.fused_ops:  # as the trainer: a build without kernels for this device fails here, in one line
+        from ..ops import check_device
+
+        check_device(dist_info.device)
     checkpointer = Checkpointer(run_dir, keep_last=1, dist=dist_info)
     if args.checkpoint:
         checkpoint = run_dir / "checkpoints" / args.checkpoint

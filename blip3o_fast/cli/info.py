@@ -22,7 +22,7 @@ def collect() -> dict:
     }
     try:
         _extension.load()
-        info["extension"] = "loaded"
+        info["extension"] = f"loaded, {_extension.build_kind()}"  # which build: CPU-only builds happen silently
         info["kernels"] = {dev: _extension.has_kernel("rope3d", dev) for dev in ("cpu", "cuda")}
     except _extension.ExtensionError as e:
         info["extension"] = str(e)
