@@ -253,7 +253,9 @@ def wait_for_steps(proc: subprocess.Popen, run: Path, n: int, timeout: float = 3
 def ranks_of(launcher: subprocess.Popen, n: int = 2) -> list[int]:
     deadline = time.time() + 120
     while len(kids := children(launcher.pid)) < n:
-        assert time.time() < deadline and launcher.poll() is None, "torchrun did not start its ranks"
+        if launcher.poll() is not None:
+            raise AssertionError(f"torchrun exited {launcher.returncode}: {launcher.communicate()[1][-3000:]}")
+        assert time.time() < deadline, "torchrun did not start its ranks"
         time.sleep(0.1)
     return kids
 
@@ -333,7 +335,7 @@ def test_eval_ranks_stop_with_their_sigkilled_torchrun(small_data, tmp_path):  #
     run = tmp_path / "trained"
     run_train(small_data, run, 2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "blip3o_fast.cli", "eval", "--run", str(run), "--steps", "100000", "--max-samples", "0"]
+           "blip3o_fast.cli", "eval", "--run-dir", str(run), "--steps", "100000", "--max-samples", "0"]
     launcher = start(cmd)
     ranks = []
     try:
