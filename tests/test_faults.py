@@ -302,11 +302,12 @@ def test_a_second_job_into_a_live_run_folder_is_refused_then_resumes_exactly(sma
             os.kill(pid, signal.SIGSTOP)
         time.sleep(0.5)
         before = snapshot(run)
-        holder = json.loads((run / ".lock").read_text())
         t0 = time.time()
         second = run_train(small_data, run, 5, procs=2, check=False)
         refused_2ranks = time.time() - t0
-        assert second.returncode != 0 and second.stderr.count("exitcode  : 2") == 2, second.stderr[-3000:]
+        assert second.returncode != 0 and second.stderr.count("exitcode  : 2") == 2, \
+            f"the second job ran beside the first (exit {second.returncode}): {second.stderr[-2000:]}"
+        holder = json.loads((run / ".lock").read_text())
         assert f"is in use by train (host {holder['host']}, pid {holder['pid']}" in second.stderr
         lone = run_train(small_data, run, 5, check=False)
         assert lone.returncode == 2, lone.stderr[-3000:]
