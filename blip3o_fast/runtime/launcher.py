@@ -29,6 +29,7 @@ POLL_S = 0.5
 _PR_SET_PDEATHSIG = 1
 
 _followed: int | None = None
+_decided = False
 
 
 def launched() -> bool:
@@ -40,9 +41,10 @@ def follow_launcher(launcher_pid: int | None = None) -> int | None:
     """Makes this process die with its launcher; returns the launcher's pid, or None where there is
     none (a lone process). Call it first thing: the launcher is the parent this process started with.
     Idempotent."""
-    global _followed
-    if _followed is not None:
+    global _followed, _decided
+    if _decided:  # decided once: a lone process's distributed.init() later puts RANK in its environment
         return _followed
+    _decided = True
     mode = os.environ.get(MODE_ENV, "prctl")
     if mode == "off" or not launched():
         return None
