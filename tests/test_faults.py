@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -305,8 +306,11 @@ def test_a_second_job_into_a_live_run_folder_is_refused_then_resumes_exactly(sma
         t0 = time.time()
         second = run_train(small_data, run, 5, procs=2, check=False)
         refused_2ranks = time.time() - t0
-        assert second.returncode != 0 and second.stderr.count("exitcode  : 2") == 2, \
-            f"the second job ran beside the first (exit {second.returncode}): {second.stderr[-2000:]}"
+        # rank 0 refuses with exit 2; rank 1 exits 2 too, unless torchrun's teardown (SIGTERM) is faster
+        codes = re.findall(r"exitcode\s+: (-?\d+)", second.stderr)
+        assert second.returncode != 0 and "2" in codes and set(codes) <= {"2", "-15"}, \
+            f"the second job was not refused (exit {second.returncode}): {second.stderr[-2000:]}"
+        assert refused_2ranks < 120, f"the refused ranks took {refused_2ranks:.0f} s to exit"
         holder = json.loads((run / ".lock").read_text())
         assert f"is in use by train (host {holder['host']}, pid {holder['pid']}" in second.stderr
         lone = run_train(small_data, run, 5, check=False)
