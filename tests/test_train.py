@@ -32,8 +32,12 @@ def small_data(tmp_path_factory) -> Path:
     return out
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env() -> dict:
-    e = dict(os.environ)
+    # a command started here is a fresh job, not a rank: in-process tests (extract) leave RANK=0 behind
+    e = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     e["PYTHONUNBUFFERED"] = "1"
     e["OMP_NUM_THREADS"] = "1"

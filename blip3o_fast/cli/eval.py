@@ -1,7 +1,7 @@
 """`blip3o-fast eval --run DIR`: sample held-out targets with a checkpoint's EMA weights and report
 per-patch cosine, global cosine and image->text Recall@1/5/10 beside their baselines.
 
-Runs in one process or under torchrun (samples split across ranks). The report lands in
+Runs in one process or under torchrun (samples split across ranks; there spell --run as --run-dir). The report lands in
 <run>/eval/<checkpoint>-<sampler><steps>.json and .txt and is printed as a table.
 """
 
@@ -61,7 +61,9 @@ def run(args) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run's checkpoint by sampling (cosines, retrieval recall)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", dest="run_dir", required=True, help="run folder written by `blip3o-fast train`")
+    # torchrun's own parser reads `--run` as an ambiguous prefix of its --run-path: spell it --run-dir there
+    p.add_argument("--run", "--run-dir", dest="run_dir", required=True,
+                   help="run folder written by `blip3o-fast train`")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint tag (step-NNNNNNN) or folder; default: the newest complete one")
     p.add_argument("--data", default=None, help="dataset folder (default: the run's data.path)")

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from ..errors import UserError
+from ..runtime.launcher import follow_launcher
 from . import bench, data, eval, info, train
 
 # each module registers its subcommands with add_commands(subparsers), listed in this order
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    follow_launcher()  # first: under torchrun/deepspeed every command dies with its launcher (§4.5)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `section.key=value` overrides may come anywhere, also between options (argparse takes one run of them)

@@ -1,6 +1,6 @@
 """The training engine (docs/architecture.md §2, §3.10): DeepSpeed ZeRO 0-3 for every run, one process or many.
 
-    Trainer(cfg, run_dir, resume).fit() -> exit code
+    train(cfg, run_dir, resume) -> exit code: Trainer(cfg, run_dir, resume).fit() under the run folder's lock
 
 The Trainer is a table of contents over its components, each owning its cadence:
   data          a resumable train stream (data.TrainLoader)
@@ -16,7 +16,7 @@ the learning rate is a function of the step, so a resumed run repeats the uninte
 
 Faults: a non-finite loss or gradient on any rank skips the optimizer step on every rank and is counted;
 `train.max_nonfinite` in a row stops the run with a checkpoint. SIGTERM/SIGINT save a checkpoint at the
-next step boundary and exit 0.
+next step boundary and exit 0. One job per run folder: a second one is refused (exit 2) while the lock is held.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ..model.head import GlobalHead
 from ..ops import check_device
 from ..runtime import distributed
 from ..runtime.checkpoint import Checkpointer
+from ..runtime.run_lock import hold_run_lock
 from .ema import EMA
 from .evaluator import Evaluator
 from .metrics import MetricsLogger, MetricsWindow, plot_loss, train_flops_per_sample
@@ -223,5 +224,9 @@ class Trainer:
 
 
 def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: str | None = "auto") -> int:
-    trainer = Trainer(cfg, run_dir or cfg.train.out_dir, resume)
-    return trainer.fit()
+    run_dir = Path(run_dir or cfg.train.out_dir)
+    # the lock comes before anything is written into the folder (config.yaml, metrics, checkpoints)
+    with hold_run_lock(run_dir, "train", distributed.init()) as lock:
+        if lock is not None:
+            print(f"run folder lock: {lock.describe()}", flush=True)
+        return Trainer(cfg, run_dir, resume).fit()

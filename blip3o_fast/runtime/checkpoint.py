@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from . import distributed
+from . import distributed, launcher
 from .files import atomic_write_text
 
 MARKER = "COMPLETE"
@@ -87,6 +87,7 @@ class Checkpointer:
 
     def save(self, engine, step: int, ema, rank_state: dict, meta: dict, config_yaml: str) -> Path:
         """Collective: every rank calls it. Returns the checkpoint folder."""
+        launcher.stop_if_orphaned()  # a rank without its launcher starts no checkpoint (§4.5)
         name = tag(step)
         path = self.root / name
         if self.dist.is_main:

@@ -70,6 +70,15 @@ def any_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def from_main(obj):
+    """Rank 0's value of a small picklable object, on every rank (a collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def mean_across(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """The mean over ranks of each scalar (one all-reduce for all of them)."""
     if not values:
