@@ -11,10 +11,10 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import bench, data, eval, info, train
+from . import bench, data, eval, export, generate, info, train
 
 # each module registers its subcommands with add_commands(subparsers), listed in this order
-COMMAND_MODULES = (info, data, train, eval, bench)
+COMMAND_MODULES = (info, data, train, eval, export, generate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
