@@ -21,12 +21,16 @@ from ..config.schema import plain
 from ..data import save_head
 from ..errors import UserError
 from ..runtime.files import atomic_write_text, commit, partial_path
-from .pretrained import CARD_FILE, CONFIG_FILE, EVAL_FILE, EXPORT_FORMAT, LOSS_FILE, MODEL_FILE
+
+MODEL_FILE, CONFIG_FILE, CARD_FILE, EVAL_FILE, LOSS_FILE = (
+    "model.safetensors", "config.json", "README.md", "eval.json", "loss.png")
+EXPORT_FORMAT = 1
 
 BASELINES = ("model", "oracle", "dataset_mean", "chance")
 
 
 def export_config(gen) -> dict:
+    """`gen`: a FeatureGenerator (its config, provenance and parameter count)."""
     cfg = gen.cfg.to_dict()
     return {"format": "blip3o-fast", "format_version": EXPORT_FORMAT, "task": cfg["task"], "model": cfg["model"],
             "flow": {"head": cfg["flow"]["head"]}, "eval": cfg["eval"], "training": gen.provenance.to_dict(),

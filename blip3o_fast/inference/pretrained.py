@@ -31,10 +31,8 @@ from ..model.flow import sample
 from ..model.head import GlobalHead, global_embedding
 from ..runtime.checkpoint import MARKER, Checkpointer
 from ..runtime.distributed import derived_seed
+from .export import CONFIG_FILE, EVAL_FILE, EXPORT_FORMAT, LOSS_FILE, MODEL_FILE, write_export
 
-MODEL_FILE, CONFIG_FILE, CARD_FILE, EVAL_FILE, LOSS_FILE = (
-    "model.safetensors", "config.json", "README.md", "eval.json", "loss.png")
-EXPORT_FORMAT = 1
 RAW_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module weights under ZeRO 0-2
 WEIGHTS = ("ema", "raw")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -153,7 +151,7 @@ def _resolve_export(folder: Path, weights: str | None):
     prov = Provenance(**{"weights": "ema", **{k: v for k, v in training.items() if k in Provenance.__dataclass_fields__
                                               and k != "files"}})
     if weights is not None and weights != prov.weights:
-        raise UserError(f"{folder} holds the {prov.weights} weights only; export the run again with --weights {weights}")
+        raise UserError(f"{folder} holds the {prov.weights} weights only; export the run with --weights {weights}")
     prov.files = {name: folder / name for name in (EVAL_FILE, LOSS_FILE) if (folder / name).is_file()}
     state = read_safetensors(folder / MODEL_FILE, "the model weights")
     head = read_head(folder, cfg.task.target_dim)
@@ -260,6 +258,4 @@ class FeatureGenerator:
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Writes the export folder (model.safetensors, config.json, head, eval.json, loss.png, README.md)."""
-        from .export import write_export
-
         return write_export(self, Path(out_dir))
