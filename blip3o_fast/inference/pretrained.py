@@ -6,8 +6,9 @@
     gen.save_pretrained(out_dir)                     # what `blip3o-fast export` writes
 
 Each sample's starting noise is drawn on the CPU from its own generator, seeded by (seed, its position in
-the call) or (seed, its key): results do not depend on the batch size, the process count or the device's
-random stream, and the ODE state is float32 whatever the model's dtype.
+the call) or (seed, its key): the noise does not depend on the batch size, the process count or the device's
+random stream, and the ODE state is float32 whatever the model's dtype. Another batch size changes only the
+rounding of batched matmuls (results agree to float32 rounding; bitwise with the same batching).
 """
 
 from __future__ import annotations
