@@ -1,5 +1,6 @@
-"""`blip3o-fast eval --run DIR`: sample held-out targets with a checkpoint's EMA weights and report
-per-patch cosine, global cosine and image->text Recall@1/5/10 beside their baselines.
+"""`blip3o-fast eval --run DIR` (or `--model EXPORT --data DATASET`): sample held-out targets with a checkpoint's
+EMA weights (or an exported model's) and report per-patch cosine, global cosine and image->text Recall@1/5/10
+beside their baselines.
 
 Runs in one process or under torchrun (samples split across ranks; there spell --run as --run-dir). The report lands in
 <run>/eval/<checkpoint>-<sampler><steps>.json and .txt and is printed as a table.
@@ -11,7 +12,43 @@ import argparse
 from pathlib import Path
 
 
+def run_model(args) -> int:
+    """`eval --model DIR`: an exported model (or any folder FeatureGenerator loads), on --data."""
+    from ..data import check_compatible, open_dataset
+    from ..errors import UserError
+    from ..evaluation import evaluate, format_report, save_report
+    from ..inference import FeatureGenerator
+    from ..runtime import distributed
+
+    if not args.data:
+        raise UserError("eval --model needs --data DATASET (an exported model does not know its training data)")
+    dist_info = distributed.init()
+    gen = FeatureGenerator.from_pretrained(args.model, device=dist_info.device)
+    if gen.cfg.model.fused_ops:  # as the trainer: a build without kernels for this device fails here, in one line
+        from ..ops import check_device
+
+        check_device(dist_info.device)
+    cfg = gen.cfg
+    cfg.data.path = args.data
+    dataset = open_dataset(args.data)
+    check_compatible(dataset, cfg.task)
+    max_samples = cfg.eval.max_samples if args.max_samples is None else args.max_samples
+    report = evaluate(gen.model, dataset, cfg, dist_info, split=args.split, max_samples=max_samples,
+                      steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed)
+    report["model"] = str(args.model)
+    if dist_info.is_main:
+        name = f"model-{report['sampler']}{report['steps']}"
+        if report["guidance_scale"] != 1.0:
+            name += f"-g{report['guidance_scale']}"
+        json_path, _ = save_report(report, Path(args.out) if args.out else Path(args.model) / "eval", name)
+        print(format_report(report))
+        print(f"report: {json_path}")
+    return 0
+
+
 def run(args) -> int:
+    if args.model:
+        return run_model(args)
     from ..config import load_config
     from ..data import check_compatible, open_dataset
     from ..errors import UserError
@@ -61,9 +98,10 @@ def run(args) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run's checkpoint by sampling (cosines, retrieval recall)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
     # torchrun's own parser reads `--run` as an ambiguous prefix of its --run-path: spell it --run-dir there
-    p.add_argument("--run", "--run-dir", dest="run_dir", required=True,
-                   help="run folder written by `blip3o-fast train`")
+    which.add_argument("--run", "--run-dir", dest="run_dir", help="run folder written by `blip3o-fast train`")
+    which.add_argument("--model", help="model folder written by `blip3o-fast export` (needs --data)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint tag (step-NNNNNNN) or folder; default: the newest complete one")
     p.add_argument("--data", default=None, help="dataset folder (default: the run's data.path)")
@@ -74,5 +112,5 @@ def add_commands(sub) -> None:
     p.add_argument("--max-samples", type=int, default=None,
                    help="evaluate at most this many samples, 0 for all (default: eval.max_samples)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed")
-    p.add_argument("--out", default=None, help="folder for the report (default: <run>/eval)")
+    p.add_argument("--out", default=None, help="folder for the report (default: <run>/eval or <model>/eval)")
     p.set_defaults(run=run)

@@ -2,7 +2,8 @@
 
 A dataset is a folder holding `manifest.json`, WebDataset tar shards and optionally `head.safetensors`.
 Each shard sample is `<key>.cond.npy` [Nc, Dc], `<key>.target.npy` [Nt, Dt], `<key>.text.npy`
-[K, Dg] (when the manifest has `text`) and `<key>.json` {"key", "captions", "source"}.
+[K, Dg] (when the manifest has `text`) and `<key>.json` {"key", "captions", "source"}. A manifest whose
+`streams.target` is null holds conditions only (no `.target.npy`): it can be generated from, not trained on.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def stream_names(task: str) -> tuple[str, str]:
     return {"eva_to_clip": ("eva_clip", "clip"), "clip_to_eva": ("clip", "eva_clip")}.get(task, ("cond", "target"))
 
 
-def build_manifest(task: str, grid: tuple[int, int], cond: StreamSpec, target: StreamSpec,
+def build_manifest(task: str, grid: tuple[int, int], cond: StreamSpec, target: StreamSpec | None,
                    text: TextSpec | None, splits: dict[str, list[dict]], head: bool,
                    created_by: dict | None = None) -> dict:
     """The manifest dict for the given streams and per-split shard records [{file, samples, sha256}]."""
@@ -86,7 +87,7 @@ def build_manifest(task: str, grid: tuple[int, int], cond: StreamSpec, target: S
         "format_version": FORMAT_VERSION,
         "task": task,
         "grid": [int(grid[0]), int(grid[1])],
-        "streams": {"cond": cond.to_dict(), "target": target.to_dict()},
+        "streams": {"cond": cond.to_dict(), "target": target.to_dict() if target is not None else None},
         "text": text.to_dict() if text is not None else None,
         "head": HEAD_FILE if head else None,
         "splits": {name: {"samples": sum(s["samples"] for s in shards), "shards": list(shards)}
@@ -130,8 +131,8 @@ def _stream(raw: Any, grid: tuple[int, int], path: Path, which: str) -> StreamSp
     return StreamSpec(str(raw.get("name", which)), str(raw.get("model", "")), dim, tokens, cls, dtype)
 
 
-def parse_manifest(manifest: Any, path: Path) -> tuple[StreamSpec, StreamSpec, TextSpec | None, tuple[int, int]]:
-    """Validates a manifest dict; returns (cond, target, text, grid)."""
+def parse_manifest(manifest: Any, path: Path) -> tuple[StreamSpec, StreamSpec | None, TextSpec | None, tuple[int, int]]:
+    """Validates a manifest dict; returns (cond, target, text, grid); target is None for conditions only."""
     if not isinstance(manifest, dict):
         _fail(path, "is not a JSON object")
     version = manifest.get("format_version")
@@ -147,7 +148,9 @@ def parse_manifest(manifest: Any, path: Path) -> tuple[StreamSpec, StreamSpec, T
     streams = manifest["streams"]
     if not isinstance(streams, dict) or set(streams) != {"cond", "target"}:
         _fail(path, "streams must have exactly 'cond' and 'target'")
-    cond, target = (_stream(streams[w], grid, path, w) for w in ("cond", "target"))
+    cond = _stream(streams["cond"], grid, path, "cond")
+    # target null: conditions only, something to generate from (not to train or evaluate on)
+    target = None if streams["target"] is None else _stream(streams["target"], grid, path, "target")
     text = None
     if manifest.get("text") is not None:
         raw = manifest["text"]
@@ -194,11 +197,12 @@ class Dataset:
                 f"target={self.target_tokens}x{self.target_dim}, text={self.text_dim}, {splits})")
 
     cond_dim = property(lambda self: self.cond.dim)
-    target_dim = property(lambda self: self.target.dim)
+    target_dim = property(lambda self: self.target.dim if self.target is not None else None)
     cond_tokens = property(lambda self: self.cond.tokens)
-    target_tokens = property(lambda self: self.target.tokens)
+    target_tokens = property(lambda self: self.target.tokens if self.target is not None else None)
     cond_cls = property(lambda self: self.cond.cls)
-    target_cls = property(lambda self: self.target.cls)
+    target_cls = property(lambda self: self.target.cls if self.target is not None else None)
+    has_targets = property(lambda self: self.target is not None)
     text_dim = property(lambda self: self.text.dim if self.text is not None else None)
     max_captions = property(lambda self: self.text.max_captions if self.text is not None else 0)
 
@@ -259,6 +263,8 @@ def check_compatible(dataset: Dataset, task) -> None:
         ("target_cls", task.target_cls, dataset.target_cls, "target stream has cls"),
     ]
     for key, want, have, what in checks:
+        if have is None and key.startswith("target"):  # conditions only: nothing to compare
+            continue
         if want != have:
             value = str(have).lower() if isinstance(have, bool) else have
             raise DataError(f"task.{key}={_show(want)} but the dataset's {what} {_show(have)}: "

@@ -37,6 +37,8 @@ def token_norms(dataset, split: str, samples: int) -> dict:
     for batch in loader:
         take = min(len(batch["key"]), samples - seen)
         for stream, cls in (("cond", dataset.cond_cls), ("target", dataset.target_cls)):
+            if stream not in batch:  # conditions only
+                continue
             norms = batch[stream][:take].float().norm(dim=-1).numpy()
             parts.setdefault(f"{stream} patch", []).append(norms[:, int(cls):].ravel())
             if cls:
@@ -59,7 +61,7 @@ def inspect_dataset(path, verify: bool = True, samples: int = 256, as_json: bool
     ds = open_dataset(path)
     report = {
         "path": str(ds.path), "task": ds.task, "grid": list(ds.grid),
-        "streams": {"cond": ds.cond.to_dict(), "target": ds.target.to_dict()},
+        "streams": {"cond": ds.cond.to_dict(), "target": ds.target.to_dict() if ds.target else None},
         "text": ds.text.to_dict() if ds.text else None,
         "head": str(ds.head_path.name) if ds.head_path else None,
         "splits": {}, "problems": verify_shards(ds, progress) if verify else None,
@@ -80,6 +82,9 @@ def _print(r: dict) -> None:
     print(f"dataset  {r['path']}")
     print(f"task     {r['task']}   grid {r['grid'][0]}x{r['grid'][1]}   head {r['head'] or 'none'}")
     for which, s in r["streams"].items():
+        if s is None:
+            print(f"{which:8s} none (conditions only)")
+            continue
         print(f"{which:8s} {s['name']} ({s['model']}): [{s['tokens']}, {s['dim']}] {s['dtype']}"
               f"{' with CLS first' if s['cls'] else ''}")
     if r["text"]:

@@ -182,6 +182,9 @@ class TrainLoader:
     def __init__(self, dataset: Dataset, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, shuffle_buffer: int = 1000, pin_memory: bool = True):
         _check_args(dataset, split, batch_size, rank, world_size, num_workers)
+        if not dataset.has_targets:
+            raise DataError(f"{dataset.path} holds conditions only (streams.target is null): generate from it with "
+                            f"`blip3o-fast generate`; training needs a dataset with targets")
         self.dataset, self.split, self.seed = dataset, split, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.streams = max(1, num_workers)

@@ -114,19 +114,23 @@ class BatchBuilder:
         self.batch_size = batch_size
         self.shared = shared
         self.cond_shape = (dataset.cond_tokens, dataset.cond_dim)
-        self.target_shape = (dataset.target_tokens, dataset.target_dim)
         self.cond_dtype = np.dtype(dataset.cond.dtype)
-        self.target_dtype = np.dtype(dataset.target.dtype)
+        self.has_target = dataset.target is not None  # a conditions-only dataset: batches without "target"
+        if self.has_target:
+            self.target_shape = (dataset.target_tokens, dataset.target_dim)
+            self.target_dtype = np.dtype(dataset.target.dtype)
         self.text = dataset.text
-        self.required = [COND, TARGET] + ([TEXT] if self.text is not None else [])
+        self.required = [COND] + ([TARGET] if self.has_target else []) + ([TEXT] if self.text is not None else [])
         self._new()
 
     def _new(self) -> None:
         b = self.batch_size
         tdt = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
         self.t_cond = _empty((b, *self.cond_shape), tdt[self.cond_dtype], self.shared)
-        self.t_target = _empty((b, *self.target_shape), tdt[self.target_dtype], self.shared)
-        self.cond, self.target = self.t_cond.numpy(), self.t_target.numpy()
+        self.cond = self.t_cond.numpy()
+        if self.has_target:
+            self.t_target = _empty((b, *self.target_shape), tdt[self.target_dtype], self.shared)
+            self.target = self.t_target.numpy()
         if self.text is not None:
             k = max(self.text.max_captions, 1)
             self.text_dtype = np.dtype(self.text.dtype)
@@ -155,9 +159,10 @@ class BatchBuilder:
         read_npy_into(f, *sample.members[COND], self.cond[row], self.cond_dtype)
         if not all_finite(self.cond[row]):
             raise NpyError("non-finite", "cond")
-        read_npy_into(f, *sample.members[TARGET], self.target[row], self.target_dtype)
-        if not all_finite(self.target[row]):
-            raise NpyError("non-finite", "target")
+        if self.has_target:
+            read_npy_into(f, *sample.members[TARGET], self.target[row], self.target_dtype)
+            if not all_finite(self.target[row]):
+                raise NpyError("non-finite", "target")
         if self.text is not None:
             text = self.text_rows[row]
             k = read_npy_into(f, *sample.members[TEXT], text, self.text_dtype, max_rows=self.text.max_captions)
@@ -181,7 +186,9 @@ class BatchBuilder:
     def emit(self) -> dict:
         """The batch so far (fewer rows than batch_size at the end of a pass); starts a new one."""
         n = len(self.keys)
-        batch = {"cond": self.t_cond[:n], "target": self.t_target[:n], "key": self.keys, "captions": self.captions}
+        batch = {"cond": self.t_cond[:n], "key": self.keys, "captions": self.captions}
+        if self.has_target:
+            batch["target"] = self.t_target[:n]
         if self.text is not None:
             batch["text"], batch["text_mask"] = self.t_text[:n], self.t_mask[:n]
         self._new()

@@ -69,7 +69,7 @@ def sha256_file(path: str | Path) -> str:
 class ShardSetWriter:
     """Writes samples into `<prefix>-000000.tar`, ... of at most `shard_size` samples (and `max_bytes`)."""
 
-    def __init__(self, folder: str | Path, prefix: str, cond: StreamSpec, target: StreamSpec,
+    def __init__(self, folder: str | Path, prefix: str, cond: StreamSpec, target: StreamSpec | None,
                  text: TextSpec | None = None, shard_size: int = 500, max_bytes: float = 3e9):
         if shard_size < 1:
             raise DataError(f"shard size must be >= 1, got {shard_size}")
@@ -110,14 +110,18 @@ class ShardSetWriter:
         return x
 
     def write(self, key: str, cond, target, text=None, captions=(), source=None) -> bool:
-        """Writes one sample (cast to float16); False (and counted) when it fails the checks."""
+        """Writes one sample (cast to float16); False (and counted) when it fails the checks. Without a target
+        stream (conditions only) `target` must be None."""
         try:
             sample = {
                 "__key__": safe_key(key),
                 COND: self._check("cond", cond, self.cond.tokens, self.cond.dim),
-                TARGET: self._check("target", target, self.target.tokens, self.target.dim),
                 META: {"key": str(key), "captions": [str(c) for c in captions], "source": source},
             }
+            if self.target is not None:
+                sample[TARGET] = self._check("target", target, self.target.tokens, self.target.dim)
+            elif target is not None:
+                raise ValueError("bad sample: a target for a conditions-only dataset")
             if self.text is not None:
                 sample[TEXT] = self._check("text", np.zeros((0, self.text.dim)) if text is None else text,
                                            None, self.text.dim, self.text.max_captions)
@@ -162,7 +166,8 @@ def prepare_output(folder: str | Path, overwrite: bool) -> Path:
     return folder
 
 
-def save_manifest(folder: str | Path, task: str, grid, cond: StreamSpec, target: StreamSpec, text: TextSpec | None,
+def save_manifest(folder: str | Path, task: str, grid, cond: StreamSpec, target: StreamSpec | None,
+                  text: TextSpec | None,
                   splits: dict[str, list[dict]], created_by: dict | None = None, merge: bool = False) -> dict:
     """Writes manifest.json; with merge=True, keeps the other splits of an existing one with the same streams."""
     folder = Path(folder)
@@ -172,8 +177,9 @@ def save_manifest(folder: str | Path, task: str, grid, cond: StreamSpec, target:
     if merge and path.is_file():
         old = json.loads(path.read_text())
         o_cond, o_target, o_text, o_grid = parse_manifest(old, path)
-        new = (cond.dim, cond.tokens, target.dim, target.tokens, text.dim if text else None, tuple(grid))
-        was = (o_cond.dim, o_cond.tokens, o_target.dim, o_target.tokens, o_text.dim if o_text else None, o_grid)
+        new = (cond.dim, cond.tokens, target and (target.dim, target.tokens), text.dim if text else None, tuple(grid))
+        was = (o_cond.dim, o_cond.tokens, o_target and (o_target.dim, o_target.tokens), o_text.dim if o_text else None,
+               o_grid)
         if new != was:
             raise DataError(f"{folder} holds a dataset of other shapes (cond, target, text, grid {was} vs {new}): "
                             f"write to another --out")

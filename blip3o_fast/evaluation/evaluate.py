@@ -113,6 +113,9 @@ def evaluate(model, dataset: Dataset, cfg, dist_info: distributed.Dist, split: s
              steps: int | None = None, sampler: str | None = None, guidance_scale: float | None = None,
              seed: int = 0, progress: bool = True) -> dict:
     """Samples the split's targets with `model` and returns the report (the same on every rank)."""
+    if not dataset.has_targets:
+        raise UserError(f"{dataset.path} holds conditions only (no targets to compare with): evaluate on a dataset "
+                        f"with targets")
     split = split or cfg.data.eval_split
     steps = steps or cfg.eval.steps
     sampler = sampler or cfg.eval.sampler

@@ -167,11 +167,13 @@ def sample(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     target_shape: tuple[int, ...] | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """Integrates dx/dt = v(x, t | cond) from noise at t = 0 to data at t = 1: x1 [B, Nt, Dt].
 
     Euler takes `steps` model calls, Heun (trapezoid predictor-corrector) 2·steps; with guidance
-    scale g != 1 each call is one doubled batch (conditioned and null).
+    scale g != 1 each call is one doubled batch (conditioned and null). `noise` is the start x0
+    (instead of a draw from `generator`), so a caller can seed each sample on its own.
     """
     if sampler not in ("euler", "heun"):
         raise UserError(f"sampler must be euler or heun, got {sampler!r}")
@@ -181,7 +183,12 @@ def sample(
     task = dit.task
     shape = tuple(target_shape) if target_shape is not None else (cond.shape[0], task.target_tokens, task.target_dim)
     # the state (and Heun's predictor) stays float32 for a bf16 model: only the model's input is cast
-    x = torch.randn(shape, generator=generator, device=cond.device, dtype=_state_dtype(_dtype(dit)))
+    if noise is not None:
+        if tuple(noise.shape) != shape:
+            raise UserError(f"sampling noise of shape {list(noise.shape)} does not fit: expected {list(shape)}")
+        x = noise.to(cond.device, _state_dtype(_dtype(dit)))
+    else:
+        x = torch.randn(shape, generator=generator, device=cond.device, dtype=_state_dtype(_dtype(dit)))
     grid = timestep_grid(steps, timestep_shift)
     for t0, t1 in zip(grid[:-1], grid[1:]):
         v0 = _velocity(model, x, t0, cond, guidance_scale)
