@@ -33,7 +33,9 @@ def small_data(tmp_path_factory) -> Path:
 
 
 def env() -> dict:
-    e = dict(os.environ)
+    # an in-process `main([...])` (extract) leaves RANK & co. in this process's environment: a lone child must not
+    # inherit them (it would wait for a MASTER_ADDR rendezvous)
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     e["PYTHONUNBUFFERED"] = "1"
     e["OMP_NUM_THREADS"] = "1"
