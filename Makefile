@@ -48,6 +48,8 @@ cpp-test: setup
 # the CUDA kernels run on the CPU: the SIMT emulator (csrc/simt/, docs/simt.md) under AddressSanitizer,
 # the op tests against it (the emulated kernels replace the CPU ones in that pytest process)
 # libstdc++ is preloaded with libasan: the sanitizer must find __cxa_throw when it starts (Python has no C++)
+# --capture=sys: an AddressSanitizer report, written to fd 2 as the process aborts, reaches the log (with fd
+# capture it went down with pytest's capture file and a caught overrun printed nothing)
 SIMT_CXX ?= g++
 SIMT_TESTS ?= tests/test_ops_adaln.py tests/test_ops_flow_loss.py tests/test_ops_qk_norm_rope.py \
 	tests/test_ops_rope3d.py tests/test_ops_swiglu.py tests/simt/check_emulator.py tests/simt/check_kernels.py
@@ -59,7 +61,7 @@ simt-build: setup
 simt-test: simt-build
 	LD_PRELOAD="$$($(SIMT_CXX) -print-file-name=libasan.so) $$($(SIMT_CXX) -print-file-name=libstdc++.so)" \
 		ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=tests/simt \
-		$(PY) -m pytest -q -p simt_plugin -n 2 -p no:cacheprovider $(PYTEST_ARGS) $(SIMT_TESTS)
+		$(PY) -m pytest -q -p simt_plugin -n 2 -p no:cacheprovider --capture=sys $(PYTEST_ARGS) $(SIMT_TESTS)
 
 # the C++ half of the format check: csrc/ (the SIMT emulator included) and cpp_tests/ as .clang-format says
 CLANG_FORMAT ?= $(VENV)/bin/clang-format
