@@ -23,7 +23,7 @@ from blip3o_fast.inference import FeatureGenerator
 from blip3o_fast.inference.pretrained import Provenance
 from blip3o_fast.model import DiT
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "blip3o_fast" / "configs"
 # case -> (model size, task, batch, sampler steps, rounds)
 CASES = {"tiny-demo": ("tiny", "demo", 64, 10, 3), "small-eva_to_clip": ("small", "eva_to_clip", 2, 2, 1)}
 RESULTS: dict[tuple, dict] = {}

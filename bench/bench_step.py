@@ -41,7 +41,7 @@ from blip3o_fast.engine.metrics import peak_flops, train_flops_per_sample
 from blip3o_fast.engine.optim import make_adamw
 from blip3o_fast.model import DiT, flow
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "blip3o_fast" / "configs"
 # case -> (model size, task, batch, rounds, variants)
 CASES = {
     "tiny-demo": ("tiny", "demo", 32, 10, ["fused", "unfused", "compiled", "fused+compiled", "fused/math-attention",

@@ -49,7 +49,7 @@ def test_missing_file_and_include_cycle(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+    for path in sorted((ROOT / "blip3o_fast" / "configs").rglob("*.yaml")):
         assert isinstance(load_config(path), RunConfig), path
 
 

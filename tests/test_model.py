@@ -17,7 +17,7 @@ from blip3o_fast.errors import UserError
 from blip3o_fast.model import DiT
 from blip3o_fast.model.attention import attention, flash_available, math_attention
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "blip3o_fast" / "configs"
 SMALL_TASK = TaskConfig(cond_dim=24, target_dim=16, grid=(3, 4), target_cls=True)
 
 
