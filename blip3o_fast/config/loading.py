@@ -2,8 +2,9 @@
 
 A run config is one YAML file whose sections match `RunConfig`'s fields. It may list other YAML
 files under `include:` (paths relative to it, merged first, later ones win), which is how the
-`blip3o_fast/configs/model/*.yaml` sizes and `blip3o_fast/configs/task/*.yaml` tasks are composed. Command-line overrides
-are `section.key=value` with YAML-parsed values. Unknown keys are rejected with the nearest valid name.
+`blip3o_fast/configs/model/*.yaml` sizes and `blip3o_fast/configs/task/*.yaml` tasks are composed.
+Command-line overrides are `section.key=value` with YAML-parsed values. Unknown keys are rejected with the
+nearest valid name.
 """
 
 from __future__ import annotations
