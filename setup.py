@@ -11,6 +11,8 @@ Knobs (environment):
   TORCH_CUDA_ARCH_LIST     CUDA archs, default "8.0;9.0+PTX" (the PTX JIT-compiles on newer GPUs)
   MAX_JOBS                 parallel compile jobs (read by torch's ninja builder)
   BLIP3O_FAST_DEBUG=1      -O0 -g, device line info (namespaced: a bare DEBUG is often exported by other tools)
+  BLIP3O_FAST_REUSE_BUILD=1  package a library already in build/lib* that is newer than every source instead of
+                           compiling again (torch's ninja builder otherwise always relinks and recompiles changes)
 
 The wheel requires torch==<the version it was built against> (public part: +cpu/+cu126 builds of one
 version share the C++ ABI): the compiled _C loads with no other, so pip must not pair it with another.
@@ -116,6 +118,11 @@ EXTENSION, WITH_CUDA = _extension()
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's builder, plus a `_C.build.json` beside the built library recording what it was built
     against, so a stale build is caught at import with a one-line message instead of a symbol error."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if _truthy("BLIP3O_FAST_REUSE_BUILD"):
+            self.force = False  # torch forces every build under ninja; distutils then skips an up-to-date library
 
     def run(self):
         super().run()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -136,8 +137,8 @@ def _venv(folder: Path) -> Path:
 
 def reuse_compiled_extension(src: Path) -> None:
     """Puts this tree's compiled _C (built by `make setup` from the same csrc/) where setup.py's build_ext looks,
-    newer than the sources, so the wheel build packages it instead of compiling for minutes on 2 cores again; the
-    from-scratch compile is what `make setup` does on every fresh clone."""
+    newer than the sources, so the wheel build (BLIP3O_FAST_REUSE_BUILD=1) packages it instead of compiling for
+    minutes on 2 cores again; the from-scratch compile is what `make setup` does on every fresh clone."""
     built = sorted((ROOT / "blip3o_fast").glob("_C.*.so"))
     assert built, "the extension is not built in this tree: run make setup"
     lib = src / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}" / "blip3o_fast"
@@ -149,7 +150,7 @@ def reuse_compiled_extension(src: Path) -> None:
 def test_wheel_installs_into_a_clean_venv_and_runs_outside_the_tree(tmp_path):
     src = source_copy(tmp_path / "src")
     reuse_compiled_extension(src)
-    build_env = {**env(), "MAX_JOBS": "2", "BLIP3O_FAST_CPU_ONLY": "1"}
+    build_env = {**env(), "MAX_JOBS": "2", "BLIP3O_FAST_CPU_ONLY": "1", "BLIP3O_FAST_REUSE_BUILD": "1"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w",
                     str(tmp_path / "dist"), str(src)], check=True, env=build_env, timeout=900)
     (wheel,) = (tmp_path / "dist").glob("blip3o_fast-*.whl")
@@ -186,10 +187,24 @@ def _where(bin_dir: Path) -> str:
 
 
 def test_the_build_knobs_are_namespaced_and_documented():
+    """Every environment variable setup.py reads is ours (BLIP3O_FAST_*) or torch's/the compiler's, and the README
+    lists it; the license file matches the metadata."""
     setup = (ROOT / "setup.py").read_text()
-    knobs = {k for k in ("BLIP3O_FAST_CPU_ONLY", "BLIP3O_FAST_FORCE_CUDA", "BLIP3O_FAST_DEBUG") if k in setup}
-    assert len(knobs) == 3 and '_truthy("DEBUG")' not in setup
+    read = set(re.findall(r'(?:_truthy|os\.environ\.get|os\.environ\.setdefault)\(\s*"([A-Z0-9_]+)"', setup))
+    theirs = {"TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "MAX_JOBS", "CXX"}
+    assert {"BLIP3O_FAST_DEBUG", "BLIP3O_FAST_CPU_ONLY", "BLIP3O_FAST_FORCE_CUDA"} <= read
+    assert not {k for k in read if not k.startswith("BLIP3O_FAST_")} - theirs, "a bare knob another tool may set"
     readme = (ROOT / "README.md").read_text()
-    assert all(f"`{k}" in readme for k in (*knobs, "TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "CUDA_HOME"))
+    assert not [k for k in (read | theirs) - {"CXX"} if f"`{k}" not in readme], "list every build knob in the README"
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
     assert importlib.metadata.metadata(DIST)["License"] == "MIT"
+
+
+def test_a_missing_extra_is_named_in_one_line(monkeypatch, tmp_path, capsys):
+    from blip3o_fast.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the `extract` extra were not installed
+    assert main(["extract", "--images", str(tmp_path), "--target-model", "a", "--cond-model", "b", "--out",
+                 str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == ("blip3o-fast extract: error: extract needs transformers, which is not "
+                                               "installed: pip install 'blip3o-fast[extract]'")
