@@ -263,3 +263,14 @@ def test_readme_journey_from_image_tars_to_an_evaluated_model(models, tmp_path):
     report = json.loads((run / "eval" / "step-0000004-euler2.json").read_text())
     assert (report["samples"], report["batch_size"], report["timestep_shift"]) == (eval_n, 2, 3.0)
     assert report["fused_ops"] is False and "recall@5" in report["metrics"] and "recall@1" in out
+
+
+def test_remote_sources_are_opened_as_webdataset_does_and_named_by_their_file():
+    from blip3o_fast.data.images import expand_images, opener_url, source_name
+
+    urls = expand_images("s3://bucket/train/{00008..00009}.tar")
+    assert urls == ["s3://bucket/train/00008.tar", "s3://bucket/train/00009.tar"]  # not checked for existence
+    assert opener_url(urls[0]) == "pipe:aws s3 cp s3://bucket/train/00008.tar -"
+    assert opener_url("https://h/a.tar") == "https://h/a.tar" and opener_url("pipe:cat a.tar") == "pipe:cat a.tar"
+    assert [source_name(u) for u in (urls[1], "pipe:aws s3 cp s3://b/000.tar -", "https://h/x/a-b.tar")] == \
+        ["00009", "000", "a_b"]

@@ -18,7 +18,7 @@ import torch
 from ..errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-REMOTE = ("pipe:", "http://", "https://", "s3://")
+REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")  # what webdataset opens (+ s3)
 
 
 def is_remote(url: str) -> bool:
