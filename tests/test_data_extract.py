@@ -203,6 +203,15 @@ def test_extraction_is_keyed_by_source_and_reads_pipes(models, tmp_path, capsys)
     assert "1 of 1 input shards already finished" in capsys.readouterr().out
     assert main(["extract", "--images", os.path.join(folder, "00000.tar"), *common, "--eval-fraction", "0.5"]) == 2
     assert "was extracted into split 'train' with --eval-fraction 0.0 before" in capsys.readouterr().err
+    # a record of the earlier index-keyed layout (.extract/<split>-<i>.json) counts for its source too
+    (record,) = (tmp_path / ".extract").glob("00000_*.json")
+    new = json.loads(record.read_text())
+    record.unlink()
+    (tmp_path / ".extract" / "train-000000.json").write_text(
+        json.dumps({"source": new["source"], "shards": new["splits"]["train"], "stats": new["stats"]}))
+    assert main(["extract", "--images", os.path.join(folder, "00000.tar"), *common]) == 0
+    assert "1 of 1 input shards already finished" in capsys.readouterr().out
+    assert open_dataset(tmp_path).split_samples("train") == 9
 
 
 def make_captioned_tars(folder) -> str:

@@ -85,13 +85,25 @@ def _complete(out: Path, record: dict) -> bool:
     return all((out / s["file"]).is_file() for shards in record["splits"].values() for s in shards)
 
 
-def _finished(out: Path, url: str, opt: ExtractOptions) -> dict | None:
-    """The record of a finished source (its shards all present), or None; refused when it went to other splits."""
-    path = _done_path(out, url)
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    if not _complete(out, record):
+def _records(out: Path) -> dict[str, dict]:
+    """Every finished source's record in `.extract/`, by source. Records of the earlier, index-keyed layout
+    (`<split>-<i:06d>.json` with one split's `shards`) are read as the same source, so it is not extracted twice."""
+    found = {}
+    for path in sorted((out / DONE_DIR).glob("*.json")):
+        record = json.loads(path.read_text())
+        if "splits" not in record:
+            split = path.stem.rsplit("-", 1)[0]
+            record = {**record, "split": split, "eval_fraction": 0.0, "splits": {split: record["shards"]}}
+        if _complete(out, record):
+            source = record["source"]
+            found[source if "://" in source or source.startswith("pipe:") else str(Path(source).resolve())] = record
+    return found
+
+
+def _finished(records: dict[str, dict], url: str, opt: ExtractOptions) -> dict | None:
+    """The record of a finished source (from `_records`), or None; refused when it went to other splits."""
+    record = records.get(url)
+    if record is None:
         return None
     if (record["split"], record["eval_fraction"]) != (opt.split, opt.eval_fraction):
         raise DataError(f"{url} was extracted into split {record['split']!r} with --eval-fraction "
@@ -140,7 +152,8 @@ def extract(opt: ExtractOptions) -> dict | None:
         save_clip_head(plan.target.clip, out)  # the head belongs to the generated stream: only a CLIP target has one
 
     mine = [u for i, u in enumerate(urls) if i % world == rank]
-    todo = [u for u in mine if _finished(out, u, opt) is None]
+    done = _records(out)
+    todo = [u for u in mine if _finished(done, u, opt) is None]
     if len(todo) < len(mine):
         print(f"extract rank {rank}: {len(mine) - len(todo)} of {len(mine)} input shards already finished, skipped")
     bar = tqdm(desc=f"extract rank {rank}", unit="img", position=rank, disable=not opt.progress)
@@ -166,7 +179,8 @@ def _wait_for_others(out: Path, urls: list[str], opt: ExtractOptions) -> None:
     torchrun stop the others, this one included)."""
     said = False
     while True:
-        left = [u for u in urls if _finished(out, u, opt) is None]
+        done = _records(out)
+        left = [u for u in urls if _finished(done, u, opt) is None]
         if not left:
             return
         if not said:
@@ -290,20 +304,18 @@ def _keep(batch: dict, keep: list[bool]) -> dict:
 def _write_manifest(opt: ExtractOptions, plan: Plan, urls: list[str], out: Path, dtype: torch.dtype) -> dict:
     """Rank 0, once every rank is done: every finished source of the folder (this run's and earlier ones),
     split by split, in source order, into the manifest (splits of other producers kept)."""
-    records = [json.loads(p.read_text()) for p in sorted((out / DONE_DIR).glob("*.json"))]
-    records = sorted((r for r in records if _complete(out, r)), key=lambda r: r["source"])
+    records = [r for _, r in sorted(_records(out).items())]
     splits: dict[str, list[dict]] = {}
     for record in records:
         for split, shards in record["splits"].items():
             splits.setdefault(split, []).extend(shards)
-    ours = set(urls)
-    total = SkipStats(SkipStats.total([r["stats"] for r in records if r["source"] in ours]))
+    ours = [r for source, r in sorted(_records(out).items()) if source in set(urls)]
+    total = SkipStats(SkipStats.total([r["stats"] for r in ours]))
     save_manifest(out, opt.task, plan.grid, plan.cond_spec, plan.target_spec, plan.text_spec, splits,
                   created_by={"command": "blip3o-fast extract", "images": opt.images, "target_model": opt.target_model,
                               "cond_model": opt.cond_model, "dtype": str(dtype).replace("torch.", "")}, merge=True)
     if total.skipped_samples:
         print(f"extract: {total.summary()}; e.g. {'; '.join(list(total.examples)[:3])}")
-    counts = {split: sum(s["samples"] for r in records if r["source"] in ours for s in r["splits"].get(split, []))
-              for split in splits}
+    counts = {split: sum(s["samples"] for r in ours for s in r["splits"].get(split, [])) for split in splits}
     return {"samples": total.samples, "shards": sum(len(v) for v in splits.values()), "skipped": total.skipped_samples,
             "splits": counts, "sources": len(records)}
