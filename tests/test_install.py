@@ -131,7 +131,9 @@ def test_sdist_carries_every_csrc_file(tmp_path):
 
 
 def _venv(folder: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=120)
+    """A new, empty venv (--clear): at a fixed path, so that DeepSpeed's JIT-built CPU op (its shared-memory
+    collective, compiled on the first training step) is found again in the run's TORCH_EXTENSIONS_DIR."""
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(folder)], check=True, timeout=120)
     return folder / "bin"
 
 
@@ -154,13 +156,14 @@ def test_wheel_installs_into_a_clean_venv_and_runs_outside_the_tree(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w",
                     str(tmp_path / "dist"), str(src)], check=True, env=build_env, timeout=900)
     (wheel,) = (tmp_path / "dist").glob("blip3o_fast-*.whl")
-    bin_dir = _venv(tmp_path / "venv")
-    pip = [str(bin_dir / "python"), "-m", "pip", "install", "-q"]
+    fixed = ROOT / "build" / "install-test"
+    bin_dir = _venv(fixed / "venv")
+    pip = [str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-compile"]  # no .pyc of all of torch
     subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True, timeout=600)
     subprocess.run([*pip, str(wheel)], check=True, timeout=900)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    run_env = {k: v for k, v in env().items() if k not in ("PYTHONPATH", "TORCH_EXTENSIONS_DIR")}
+    run_env = {**{k: v for k, v in env().items() if k != "PYTHONPATH"}, "TORCH_EXTENSIONS_DIR": str(fixed / "jit")}
 
     def cli(*args: str) -> str:
         result = subprocess.run([str(bin_dir / "blip3o-fast"), *args], capture_output=True, text=True, cwd=work,
@@ -169,7 +172,7 @@ def test_wheel_installs_into_a_clean_venv_and_runs_outside_the_tree(tmp_path):
         return result.stdout
 
     assert "extension        loaded, " in cli("info")
-    assert _where(bin_dir).startswith(str(tmp_path / "venv")) and "eva_to_clip_base" in cli("config", "list")
+    assert _where(bin_dir).startswith(str(fixed / "venv")) and "eva_to_clip_base" in cli("config", "list")
     cli("data", "synth", "--out", "data", "--train-samples", "64", "--eval-samples", "16", "--shard-size", "32",
         "--quiet")
     cli("train", "--config", "demo", "--out", "run", "data.path=data", "train.steps=4", "train.ckpt_every=4",
