@@ -156,14 +156,13 @@ def test_wheel_installs_into_a_clean_venv_and_runs_outside_the_tree(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("blip3o_fast-*.whl")
     # about 4 min on 2 shared cores: torch's wheel unpacked, the deps, and DeepSpeed's JIT build of its CPU
     # shared-memory op on the first training step (its sources are new files in every new venv, so no cache helps)
-    fixed = tmp_path
-    bin_dir = _venv(fixed / "venv")
+    bin_dir = _venv(tmp_path / "venv")
     pip = [str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-compile"]  # no .pyc of all of torch
     subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True, timeout=600)
     subprocess.run([*pip, str(wheel)], check=True, timeout=900)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    run_env = {**{k: v for k, v in env().items() if k != "PYTHONPATH"}, "TORCH_EXTENSIONS_DIR": str(fixed / "jit")}
+    run_env = {**{k: v for k, v in env().items() if k != "PYTHONPATH"}, "TORCH_EXTENSIONS_DIR": str(tmp_path / "jit")}
 
     def cli(*args: str) -> str:
         result = subprocess.run([str(bin_dir / "blip3o-fast"), *args], capture_output=True, text=True, cwd=work,
@@ -172,7 +171,7 @@ def test_wheel_installs_into_a_clean_venv_and_runs_outside_the_tree(tmp_path):
         return result.stdout
 
     assert "extension        loaded, " in cli("info")
-    assert _where(bin_dir).startswith(str(fixed / "venv")) and "eva_to_clip_base" in cli("config", "list")
+    assert _where(bin_dir).startswith(str(tmp_path / "venv")) and "eva_to_clip_base" in cli("config", "list")
     cli("data", "synth", "--out", "data", "--train-samples", "64", "--eval-samples", "16", "--shard-size", "32",
         "--quiet")
     cli("train", "--config", "demo", "--out", "run", "data.path=data", "train.steps=4", "train.ckpt_every=4",
