@@ -98,7 +98,7 @@ bench: setup
 
 demo: setup
 	test -f $(DEMO_DIR)/data/manifest.json || $(PY) -m blip3o_fast.cli data synth --out $(DEMO_DIR)/data
-	$(PY) -m blip3o_fast.cli train --config blip3o_fast/configs/demo.yaml --out $(DEMO_DIR)/run data.path=$(DEMO_DIR)/data $(DEMO_ARGS)
+	$(PY) -m blip3o_fast.cli train --config demo --out $(DEMO_DIR)/run data.path=$(DEMO_DIR)/data $(DEMO_ARGS)
 	$(PY) -m blip3o_fast.cli eval --run $(DEMO_DIR)/run $(EVAL_ARGS)
 	@echo "loss curve: $(DEMO_DIR)/run/loss.png   metrics: $(DEMO_DIR)/run/metrics.jsonl"
 

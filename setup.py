@@ -1,4 +1,4 @@
-"""Builds the one extension, blip3o_fast._C, from csrc/.
+"""Builds the one extension, blip3o_fast._C, from csrc/, and declares the core dependencies.
 
 A CUDAExtension when a CUDA toolkit and a CUDA build of torch are both present (decided from
 CUDA_HOME/nvcc and torch.version.cuda, never from torch.cuda.is_available(), so the kernels compile
@@ -10,7 +10,12 @@ Knobs (environment):
                            lacking nvcc or a CUDA torch quietly gets a CPU-only build)
   TORCH_CUDA_ARCH_LIST     CUDA archs, default "8.0;9.0+PTX" (the PTX JIT-compiles on newer GPUs)
   MAX_JOBS                 parallel compile jobs (read by torch's ninja builder)
-  DEBUG=1                  -O0 -g, device line info
+  BLIP3O_FAST_DEBUG=1      -O0 -g, device line info (namespaced: a bare DEBUG is often exported by other tools)
+  BLIP3O_FAST_REUSE_BUILD=1  package a library already in build/lib* that is newer than every source instead of
+                           compiling again (torch's ninja builder otherwise always relinks and recompiles changes)
+
+The wheel requires torch==<the version it was built against> (public part: +cpu/+cu126 builds of one
+version share the C++ ABI): the compiled _C loads with no other, so pip must not pair it with another.
 """
 
 import glob
@@ -26,6 +31,20 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
+TORCH_PIN = f"torch=={torch.__version__.split('+')[0]}"
+# the core: what training needs (extras in pyproject.toml: extract, hub, wandb, flash, dev)
+DEPENDENCIES = [
+    TORCH_PIN,
+    "numpy",
+    "pyyaml",
+    "tqdm",
+    "webdataset>=0.2.86",
+    "braceexpand",  # image shard patterns of extract (data/images.py)
+    "safetensors",
+    "tensorboard",
+    "matplotlib",  # loss.png; imported only where it is drawn
+    "deepspeed>=0.14",  # the training engine; imported only by training
+]
 
 
 def _truthy(name: str) -> bool:
@@ -65,7 +84,7 @@ def _compiler_version(cmd):
 
 
 def _extension():
-    debug = _truthy("DEBUG")
+    debug = _truthy("BLIP3O_FAST_DEBUG")
     with_cuda = _want_cuda()
     # CUDA sources are named <op>_cuda.cu: <op>.cpp and <op>.cu would both compile to <op>.o
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -100,6 +119,11 @@ class BuildExtension(cpp_extension.BuildExtension):
     """torch's builder, plus a `_C.build.json` beside the built library recording what it was built
     against, so a stale build is caught at import with a one-line message instead of a symbol error."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        if _truthy("BLIP3O_FAST_REUSE_BUILD"):
+            self.force = False  # torch forces every build under ninja; distutils then skips an up-to-date library
+
     def run(self):
         super().run()
         info = {
@@ -110,7 +134,7 @@ class BuildExtension(cpp_extension.BuildExtension):
             "nvcc": _compiler_version([os.path.join(_cuda_home(), "bin", "nvcc"), "--version"])
             if WITH_CUDA else None,
             "cxx": _compiler_version([os.environ.get("CXX", "c++"), "--version"]),
-            "debug": _truthy("DEBUG"),
+            "debug": _truthy("BLIP3O_FAST_DEBUG"),
             "python": sys.version.split()[0],
         }
         for ext in self.extensions:
@@ -128,6 +152,7 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 
 setup(
+    install_requires=DEPENDENCIES,
     ext_modules=[EXTENSION],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
 )

@@ -12,7 +12,6 @@ dtype on CUDA (bf16). samples/s counts whole samples: `steps` model calls each (
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from blip3o_fast.inference import FeatureGenerator
 from blip3o_fast.inference.pretrained import Provenance
 from blip3o_fast.model import DiT
 
-CONFIGS = Path(__file__).resolve().parent.parent / "blip3o_fast" / "configs"
 # case -> (model size, task, batch, sampler steps, rounds)
 CASES = {"tiny-demo": ("tiny", "demo", 64, 10, 3), "small-eva_to_clip": ("small", "eva_to_clip", 2, 2, 1)}
 RESULTS: dict[tuple, dict] = {}
@@ -31,9 +29,9 @@ RESULTS: dict[tuple, dict] = {}
 
 def make_generator(case: str, fused: bool, device: str) -> FeatureGenerator:
     size, task_name = CASES[case][:2]
-    cfg = load_config(CONFIGS / "demo.yaml", [])
-    cfg.model = load_config(CONFIGS / "model" / f"{size}.yaml", [f"model.fused_ops={fused}"]).model
-    cfg.task = load_config(CONFIGS / "task" / f"{task_name}.yaml").task
+    cfg = load_config("demo", [])
+    cfg.model = load_config(f"model/{size}", [f"model.fused_ops={fused}"]).model
+    cfg.task = load_config(f"task/{task_name}").task
     torch.manual_seed(0)
     state = DiT(cfg.model, cfg.task).state_dict()
     return FeatureGenerator(cfg, state, None, Provenance("ema", source=f"bench {case}"), device=device)

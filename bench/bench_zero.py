@@ -36,8 +36,7 @@ def demo_data(tmp_path_factory) -> Path:
 def test_zero_stage(benchmark, stage, demo_data, tmp_path):
     run = tmp_path / f"zero{stage}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "blip3o_fast.cli", "train", "--config", str(ROOT / "blip3o_fast" / "configs" / "demo.yaml"),
-           "--out", str(run),
+           "blip3o_fast.cli", "train", "--config", "demo", "--out", str(run),
            f"data.path={demo_data}", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
            f"train.ckpt_every={10 * STEPS}", "train.eval_every=0", f"train.zero_stage={stage}", "data.num_workers=0"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

@@ -66,3 +66,33 @@ def test_readme_config_reference_is_current():
     assert readme[start:end] == reference_markdown(), (
         "README's config reference is stale: regenerate it with "
         "python -c 'from blip3o_fast.config import reference_markdown; print(reference_markdown())'")
+
+
+def test_configs_by_shipped_name_or_path(tmp_path, capsys):
+    from blip3o_fast.cli import main
+    from blip3o_fast.config import resolve_config, shipped_names
+
+    shipped = ROOT / "blip3o_fast" / "configs"
+    assert load_config("demo") == load_config(shipped / "demo.yaml") == load_config("demo.yaml")
+    assert load_config("eva_to_clip_base").task.target_cls and load_config("model/large").model.depth == 24
+    assert shipped_names()[:3] == ["clip_to_eva_base", "demo", "eva_to_clip_base"] and "task/demo" in shipped_names()
+    # a file of that name in the working folder wins over the shipped one; a path is a path
+    (tmp_path / "demo").write_text("model: {depth: 1}\n")
+    assert resolve_config(tmp_path / "demo") == tmp_path / "demo" and load_config(tmp_path / "demo").model.depth == 1
+    # a copied template's includes resolve from the package when they are not beside it
+    (tmp_path / "mine.yaml").write_text("include: [model/small.yaml, task/eva_to_clip.yaml]\ntrain: {steps: 7}\n")
+    cfg = load_config(tmp_path / "mine.yaml")
+    assert (cfg.model.hidden_size, cfg.task.cond_dim, cfg.train.steps) == (512, 4096, 7)
+    with pytest.raises(ConfigError) as e:
+        load_config("eva_to_clip_bse")
+    assert str(e.value) == ("config 'eva_to_clip_bse' is neither a file nor a shipped config name (did you mean "
+                            "'eva_to_clip_base'?): give a YAML path or a name from `blip3o-fast config list`")
+
+    assert main(["config", "list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == shipped_names() and listed[1].startswith("demo  ")
+    assert main(["config", "show", "eva_to_clip_base", "train.steps=5", "data.path=/d"]) == 0
+    (tmp_path / "shown.yaml").write_text(capsys.readouterr().out)
+    assert load_config(tmp_path / "shown.yaml") == load_config("eva_to_clip_base", ["train.steps=5", "data.path=/d"])
+    assert main(["config", "show", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("blip3o-fast config: error: config 'nope' is neither a file")

@@ -105,3 +105,30 @@ def test_convert_embeds_captions_with_a_clip_model(tmp_path):
     batch = next(iter(EvalLoader(ds, "train", 8)))
     assert batch["text"].shape == (4, 1, 16) and batch["text_mask"].all()
     assert np.isfinite(batch["text"].float().numpy()).all() and batch["text"].float().norm(dim=-1).min() > 0
+
+
+def test_eval_fraction_is_a_stable_hash_of_the_key_and_fits_the_readme_config(tmp_path, capsys):
+    """The README's convert line: 256-token chunks with --eval-fraction, trained with eva_to_clip_base and the
+    256-token overrides it names (without them the first check of the dataset fails)."""
+    from blip3o_fast.config import load_config
+    from blip3o_fast.data import check_compatible
+    from blip3o_fast.data.format import DataError
+    from blip3o_fast.data.split import held_out
+
+    src, out = tmp_path / "prior", tmp_path / "out"
+    make_prior(src, 256, shards=3, per_shard=8)
+    args = ["data", "convert-chunks", "--src", str(src), "--out", str(out), "--trust-pickle", "--quiet"]
+    assert main([*args, "--eval-fraction", "0.25"]) == 0
+    ds = open_dataset(out)
+    keys = [f"{s:05d}{i:04d}" for s in range(3) for i in range(8)]
+    held = [k for k in keys if held_out(k, 0.25)]
+    assert 0 < len(held) < len(keys) and ds.split_samples("eval") == len(held)
+    assert [k for b in EvalLoader(ds, "eval", 64) for k in b["key"]] == held
+    assert [k for b in EvalLoader(ds, "train", 64) for k in b["key"]] == [k for k in keys if k not in held]
+    dims = [f"task.cond_dim={EVA_DIM}", f"task.target_dim={CLIP_DIM}"]
+    check_compatible(ds, load_config("eva_to_clip_base", [*dims, "task.target_cls=false", "flow.head=mean"]).task)
+    with pytest.raises(DataError, match="task.target_cls=true but the dataset's target stream has cls false"):
+        check_compatible(ds, load_config("eva_to_clip_base", dims).task)
+    capsys.readouterr()
+    assert main([*args, "--overwrite", "--eval-shards", "1", "--eval-fraction", "0.1"]) == 2
+    assert "--eval-shards and --eval-fraction both choose the eval split" in capsys.readouterr().err

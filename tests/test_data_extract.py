@@ -138,7 +138,7 @@ def test_extract_end_to_end(models, tmp_path, capsys):
     torch.testing.assert_close(batch["target"][j].float(), want_target, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(batch["cond"][j].float(), want_cond, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(batch["text"][j, :1].float(), want_text, atol=2e-3, rtol=2e-3)
-    assert batch["captions"][j] == ["a picture number 0 3"] and batch["text_mask"][j].tolist() == [True]
+    assert batch["captions"][j] == ["a picture number 0 3"] and batch["text_mask"][j].tolist() == [True] + [False] * 4
 
     # a rerun skips the finished input shards and leaves the shards as they were
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
@@ -178,7 +178,108 @@ def test_extract_on_two_ranks(models, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ds = open_dataset(tmp_path)
-    files = [s.file for s in ds.shards("eval")]
-    assert files == ["eval-000000-000000.tar", "eval-000001-000000.tar"] and ds.split_samples("eval") == 9
+    files = [s.file for s in ds.shards("eval")]  # named by source: <split>-<file name>_<hash of the source>-NNNNNN
+    assert [f.split("_")[0] for f in files] == ["eval-00000", "eval-00001"] and ds.split_samples("eval") == 9
+    assert all(f.endswith("-000000.tar") for f in files)
     keys = [k for b in EvalLoader(ds, "eval", 4) for k in b["key"]]
     assert sorted(keys) == sorted(f"{s:04d}_{i:04d}" for s in range(2) for i in range(5) if (s, i) != (1, 2))
+
+
+def test_extraction_is_keyed_by_source_and_reads_pipes(models, tmp_path, capsys):
+    """Tars 0 today and 1 tomorrow (through `pipe:`, as webdataset opens remote shards) make one dataset; a rerun
+    of either skips it."""
+    folder = os.path.dirname(models["images"][0])
+    common = ["--target-model", models["clip"], "--cond-model", models["vit"], "--out", str(tmp_path), "--workers",
+              "0", "--quiet"]
+    assert main(["extract", "--images", os.path.join(folder, "{00000..00000}.tar"), *common]) == 0
+    assert open_dataset(tmp_path).split_samples("train") == 5
+    assert main(["extract", "--images", f"pipe:cat {folder}/{{00001..00001}}.tar", *common]) == 0
+    ds = open_dataset(tmp_path)
+    assert ds.split_samples("train") == 9 and len({s.file for s in ds.shards("train")}) == 2
+    keys = sorted(k for b in EvalLoader(ds, "train", 16) for k in b["key"])
+    assert keys == sorted(f"{s:04d}_{i:04d}" for s in range(2) for i in range(5) if (s, i) != (1, 2))
+    capsys.readouterr()
+    assert main(["extract", "--images", f"pipe:cat {folder}/00001.tar", *common]) == 0
+    assert "1 of 1 input shards already finished" in capsys.readouterr().out
+    assert main(["extract", "--images", os.path.join(folder, "00000.tar"), *common, "--eval-fraction", "0.5"]) == 2
+    assert "was extracted into split 'train' with --eval-fraction 0.0 before" in capsys.readouterr().err
+    # a record of the earlier index-keyed layout (.extract/<split>-<i>.json) counts for its source too
+    (record,) = (tmp_path / ".extract").glob("00000_*.json")
+    new = json.loads(record.read_text())
+    record.unlink()
+    (tmp_path / ".extract" / "train-000000.json").write_text(
+        json.dumps({"source": new["source"], "shards": new["splits"]["train"], "stats": new["stats"]}))
+    assert main(["extract", "--images", os.path.join(folder, "00000.tar"), *common]) == 0
+    assert "1 of 1 input shards already finished" in capsys.readouterr().out
+    assert open_dataset(tmp_path).split_samples("train") == 9
+
+
+def make_captioned_tars(folder) -> str:
+    """Two image shards of 6: COCO-style 5 captions in a .json list, single .txt captions, and one image without."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for s in range(2):
+        with wds.TarWriter(os.path.join(folder, f"{s:05d}.tar"), encoder=False) as w:
+            for i in range(6):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                sample = {"__key__": f"img{s}{i}", "jpg": buf.getvalue()}
+                if i == 0:
+                    captions = [f"caption {c} of image {s}{i}" for c in range(5)]
+                    sample["json"] = json.dumps({"captions": captions}).encode()
+                else:
+                    sample["txt"] = b"" if (s, i) == (1, 5) else f"image {s} {i}".encode()
+                w.write(sample)
+    return os.path.join(folder, "{00000..00001}.tar")
+
+
+@pytest.mark.slow
+def test_readme_journey_from_image_tars_to_an_evaluated_model(models, tmp_path):
+    """The README's real-data journey on random-weight encoders: extract with an eval split (5 captions per image
+    where given, the caption-less image skipped), train with the base config (it evaluates during training), then
+    `eval` with its overrides."""
+    from test_train import ROOT, env
+
+    images, data, run = make_captioned_tars(tmp_path / "images"), tmp_path / "data", tmp_path / "run"
+    assert main(["extract", "--images", images, "--eval-fraction", "0.3", "--target-model", models["clip"],
+                 "--cond-model", models["vit"], "--out", str(data), "--target-cls", "--workers", "0",
+                 "--quiet"]) == 0
+    ds = open_dataset(data)
+    train_n, eval_n = ds.split_samples("train"), ds.split_samples("eval")
+    assert train_n + eval_n == 11 and train_n > eval_n > 0 and ds.max_captions == 5
+    keys = {k: n for split in ("train", "eval") for b in EvalLoader(ds, split, 16)
+            for k, n in zip(b["key"], b["text_mask"].sum(1).tolist())}
+    assert "img15" not in keys and keys["img00"] == keys["img10"] == 5 and keys["img01"] == 1
+
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-m", "blip3o_fast.cli", *args], capture_output=True, text=True,
+                                env=env(), cwd=ROOT, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    cli("train", "--config", "eva_to_clip_base", "--out", str(run), f"data.path={data}", "task.cond_dim=48",
+        "task.target_dim=32", "task.grid=[4, 4]", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
+        "train.steps=4", "train.warmup_steps=1", "train.precision=fp32", "train.compile=false", "train.zero_stage=0",
+        "data.batch_size=4", "data.num_workers=0", "train.eval_every=2", "train.eval_samples=4", "eval.steps=2",
+        "eval.batch_size=4", "train.ckpt_every=4", "train.log_every=1")
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4] and "recall@1" in evals[0]
+    out = cli("eval", "--run", str(run), "--steps", "2", "--batch-size", "2", "--timestep-shift", "3",
+              "model.fused_ops=false")
+    report = json.loads((run / "eval" / "step-0000004-euler2.json").read_text())
+    assert (report["samples"], report["batch_size"], report["timestep_shift"]) == (eval_n, 2, 3.0)
+    assert report["fused_ops"] is False and "recall@5" in report["metrics"] and "recall@1" in out
+
+
+def test_remote_sources_are_opened_as_webdataset_does_and_named_by_their_file():
+    from blip3o_fast.data.images import expand_images, opener_url, source_name
+
+    urls = expand_images("s3://bucket/train/{00008..00009}.tar")
+    assert urls == ["s3://bucket/train/00008.tar", "s3://bucket/train/00009.tar"]  # not checked for existence
+    assert opener_url(urls[0]) == "pipe:aws s3 cp s3://bucket/train/00008.tar -"
+    assert opener_url("https://h/a.tar") == "https://h/a.tar" and opener_url("pipe:cat a.tar") == "pipe:cat a.tar"
+    assert [source_name(u) for u in (urls[1], "pipe:aws s3 cp s3://b/000.tar -", "https://h/x/a-b.tar")] == \
+        ["00009", "000", "a_b"]

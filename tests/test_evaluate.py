@@ -108,3 +108,33 @@ def test_eval_command_end_to_end(small_data, tmp_path):  # noqa: F811
     bad = subprocess.run([sys.executable, "-m", "blip3o_fast.cli", "eval", "--run", str(tmp_path)],
                          capture_output=True, text=True, env=env(), cwd=ROOT)
     assert bad.returncode == 2 and "is not a run folder" in bad.stderr
+
+
+def test_a_sample_without_a_caption_is_a_one_line_error(tmp_path):
+    """Recall@K needs a caption per image: a split with a caption-less sample fails in one line, not a traceback."""
+    import numpy as np
+
+    from blip3o_fast.config import load_config
+    from blip3o_fast.data import open_dataset
+    from blip3o_fast.data.format import StreamSpec, TextSpec
+    from blip3o_fast.data.writer import ShardSetWriter, save_manifest
+    from blip3o_fast.errors import UserError
+    from blip3o_fast.evaluation import evaluate
+    from blip3o_fast.model import DiT
+    from blip3o_fast.runtime import distributed
+
+    cfg = load_config("demo", ["task.grid=[2, 2]", "task.cond_dim=8", "task.target_dim=4", "task.target_cls=false",
+                               "model.hidden_size=16", "model.depth=1", "model.num_heads=2", "model.fused_ops=false",
+                               "data.num_workers=0", "eval.batch_size=4"])
+    cond, target = StreamSpec("eva_clip", "c", 8, 4, False), StreamSpec("clip", "t", 4, 4, False)
+    rng = np.random.default_rng(0)
+    with ShardSetWriter(tmp_path, "eval", cond, target, TextSpec(3, 2)) as w:
+        for i in range(3):
+            captions = [] if i == 1 else ["a", "b"]
+            w.write(f"k{i}", rng.normal(size=(4, 8)), rng.normal(size=(4, 4)), rng.normal(size=(len(captions), 3)),
+                    captions)
+    save_manifest(tmp_path, "eva_to_clip", (2, 2), cond, target, TextSpec(3, 2), {"eval": w.records})
+    with pytest.raises(UserError) as e:
+        evaluate(DiT(cfg.model, cfg.task), open_dataset(tmp_path), cfg, distributed.init(), steps=1, progress=False)
+    assert str(e.value) == ("1 of 3 samples of the eval split have no caption, and image->text Recall@K needs one per "
+                            "image: extract skips such images; evaluate a split whose samples all have captions")

@@ -28,7 +28,8 @@ def test_stale_build_is_refused_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(_extension.ExtensionError) as e:
         _extension.load()
     assert str(e.value) == (f"blip3o_fast._C was built for torch 1.0.0 but torch {torch.__version__} is running: "
-                            f"rebuild it with `make setup` (or `pip install --no-build-isolation -e .`)")
+                            f"pip install 'torch==1.0.0', or rebuild it with `make setup` (or "
+                            f"`pip install --no-build-isolation -e .`)")
 
 
 def test_missing_library_is_reported_in_one_line(tmp_path, monkeypatch):

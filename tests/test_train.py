@@ -46,8 +46,8 @@ def env() -> dict:
 
 
 def train_cmd(data: Path, run: Path, steps: int, *extra: str, procs: int = 1) -> list[str]:
-    args = ["train", "--config", str(ROOT / "blip3o_fast" / "configs" / "demo.yaml"), "--out", str(run),
-            f"data.path={data}", f"train.steps={steps}", *TINY, *extra]
+    args = ["train", "--config", "demo", "--out", str(run), f"data.path={data}",
+            f"train.steps={steps}", *TINY, *extra]
     if procs == 1:
         return [sys.executable, "-m", "blip3o_fast.cli", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",

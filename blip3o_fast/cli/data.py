@@ -37,7 +37,8 @@ def run_convert(args) -> int:
 
     summary = convert_chunks(args.src, args.out, trust_pickle=args.trust_pickle, task=args.task,
                              shard_size=args.shard_size, eval_shards=args.eval_shards, grid=args.grid,
-                             clip_model=args.clip_model, overwrite=args.overwrite, progress=not args.quiet)
+                             clip_model=args.clip_model, overwrite=args.overwrite, progress=not args.quiet,
+                             eval_fraction=args.eval_fraction)
     for split, s in summary["splits"].items():
         print(f"{split:6s} {s['samples']:7d} samples in {s['shards']} shards, {s['skipped']} skipped")
     print(f"wrote {args.out}")
@@ -52,18 +53,23 @@ def run_inspect(args) -> int:
 
 
 def run_extract(args) -> int:
+    from ..data.encoders import require_extract_extra
+
+    require_extract_extra("extract")
     from ..data.extract import ExtractOptions, extract
 
     options = ExtractOptions(
         images=args.images, out=args.out, target_model=args.target_model, cond_model=args.cond_model,
-        task=args.task, split=args.split, batch_size=args.batch_size, workers=args.workers,
+        task=args.task, split=args.split, eval_fraction=args.eval_fraction, max_captions=args.max_captions,
+        batch_size=args.batch_size, workers=args.workers,
         target_cls=args.target_cls, cond_cls=args.cond_cls, shard_size=args.shard_size, dtype=args.dtype,
         text_model=args.text_model, image_processor=args.image_processor,
         trust_remote_code=args.trust_remote_code, progress=not args.quiet)
     summary = extract(options)
     if summary is not None:
-        print(f"{args.split}: {summary['samples']} samples in {summary['shards']} shards, "
-              f"{summary['skipped']} skipped; wrote {args.out}")
+        written = ", ".join(f"{n} to {split}" for split, n in summary["splits"].items())
+        print(f"{summary['samples']} samples ({written}), {summary['skipped']} skipped; {args.out} now holds "
+              f"{summary['sources']} extracted input shards in {summary['shards']} shards")
     return 0
 
 
@@ -129,6 +135,9 @@ def add_commands(sub) -> None:
                    help="eva_to_clip: cond = EVA, target = CLIP; clip_to_eva: the reverse")
     p.add_argument("--shard-size", type=int, default=500, help="samples per output shard")
     p.add_argument("--eval-shards", type=int, default=0, help="the last N source shards form the eval split")
+    p.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="hold out this fraction of samples as the eval split, chosen by a stable hash of the key "
+                        "(instead of --eval-shards)")
     p.add_argument("--grid", type=_grid, default=None, help="patch grid (default: the square root of the tokens)")
     p.add_argument("--clip-model", default=None,
                    help="CLIP model (name or path) whose text tower embeds the captions and whose head is saved")
@@ -152,12 +161,20 @@ def add_commands(sub) -> None:
                     "patch tokens as float16 shards; the CLIP text tower embeds the captions and the CLIP head "
                     "is saved. Runs on several GPUs with `torchrun --nproc_per_node N -m blip3o_fast.cli "
                     "extract ...` (shards split across ranks); finished input shards are skipped on a rerun.")
-    p.add_argument("--images", required=True, help="image shards: a brace pattern 'DIR/{00000..00009}.tar' or a folder")
+    p.add_argument("--images", required=True,
+                   help="image shards: a brace pattern 'DIR/{00000..00009}.tar', a folder, or remote as webdataset "
+                        "reads them: 'https://host/{00000..00009}.tar', 'pipe:aws s3 cp s3://b/{0..9}.tar -', "
+                        "'s3://b/{0..9}.tar' (through `aws s3 cp`)")
     p.add_argument("--target-model", required=True, help="encoder of the generated tokens (CLIP for eva_to_clip)")
     p.add_argument("--cond-model", required=True, help="encoder of the condition tokens (EVA-CLIP for eva_to_clip)")
     p.add_argument("--out", required=True, help="dataset folder to write (or to add a split to)")
     p.add_argument("--task", choices=TASKS, default="eva_to_clip", help="task name recorded in the manifest")
     p.add_argument("--split", default="train", help="split the shards are written to")
+    p.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="hold out this fraction of images as the 'eval' split, chosen by a stable hash of the key "
+                        "(the same on every rank and rerun)")
+    p.add_argument("--max-captions", type=int, default=5,
+                   help="captions kept per image (a .json 'captions' list, e.g. COCO's 5, or a .txt); more are cut")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
     p.add_argument("--target-cls", action="store_true", help="keep the target encoder's CLS token (first)")

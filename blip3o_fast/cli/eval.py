@@ -3,7 +3,8 @@ EMA weights (or an exported model's) and report per-patch cosine, global cosine 
 beside their baselines.
 
 Runs in one process or under torchrun (samples split across ranks; there spell --run as --run-dir). The report lands in
-<run>/eval/<checkpoint>-<sampler><steps>.json and .txt and is printed as a table.
+<run>/eval/<checkpoint>-<sampler><steps>.json and .txt and is printed as a table. Config overrides
+(`section.key=value`, e.g. model.fused_ops=false, eval.batch_size=16) apply to the run's or model's config.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ def run_model(args) -> int:
 
     if not args.data:
         raise UserError("eval --model needs --data DATASET (an exported model does not know its training data)")
+    from ..config import apply_overrides, from_dict
+    from ..inference.pretrained import resolve
+
     dist_info = distributed.init()
-    gen = FeatureGenerator.from_pretrained(args.model, device=dist_info.device)
+    cfg, state, head, provenance = resolve(args.model, None)
+    cfg = from_dict(apply_overrides(cfg.to_dict(), _overrides(args)))
+    gen = FeatureGenerator(cfg, state, head, provenance, device=dist_info.device)
     if gen.cfg.model.fused_ops:  # as the trainer: a build without kernels for this device fails here, in one line
         from ..ops import check_device
 
@@ -46,6 +52,12 @@ def run_model(args) -> int:
     return 0
 
 
+def _overrides(args) -> list[str]:
+    """The eval flags as config overrides, then the user's own `section.key=value`."""
+    flags = {"eval.batch_size": args.batch_size, "eval.timestep_shift": args.timestep_shift}
+    return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+
+
 def run(args) -> int:
     if args.model:
         return run_model(args)
@@ -60,7 +72,7 @@ def run(args) -> int:
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.yaml): pass the folder `blip3o-fast train` wrote")
-    overrides = [f"data.path={args.data}"] if args.data else []
+    overrides = ([f"data.path={args.data}"] if args.data else []) + _overrides(args)
     cfg = load_config(config_file, overrides)
     dist_info = distributed.init()
     if cfg.model.fused_ops:  # as the trainer: a build without kernels for this device fails here, in one line
@@ -111,6 +123,11 @@ def add_commands(sub) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: eval's)")
     p.add_argument("--max-samples", type=int, default=None,
                    help="evaluate at most this many samples, 0 for all (default: eval.max_samples)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per sampling batch (default: eval.batch_size)")
+    p.add_argument("--timestep-shift", type=float, default=None,
+                   help="SD3's timestep shift, > 1 spends more steps near the noise (default: eval.timestep_shift)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed")
     p.add_argument("--out", default=None, help="folder for the report (default: <run>/eval or <model>/eval)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. model.fused_ops=false (run the model on the reference ops)")
     p.set_defaults(run=run)

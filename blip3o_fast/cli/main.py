@@ -12,10 +12,10 @@ import sys
 
 from ..errors import UserError
 from ..runtime.launcher import follow_launcher
-from . import bench, data, eval, export, generate, info, train
+from . import bench, config, data, eval, export, generate, info, train
 
 # each module registers its subcommands with add_commands(subparsers), listed in this order
-COMMAND_MODULES = (info, data, train, eval, export, generate, bench)
+COMMAND_MODULES = (info, config, data, train, eval, export, generate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """`blip3o-fast train --config FILE [section.key=value ...]`.
 
-One process:      blip3o-fast train --config blip3o_fast/configs/demo.yaml
+One process:      blip3o-fast train --config demo   (a shipped name: `blip3o-fast config list`; or a YAML path)
 Many on one node: torchrun --nproc_per_node 8 -m blip3o_fast.cli train --config ...
                   deepspeed --num_gpus 8 --module blip3o_fast.cli train --config ...
 Many nodes:       deepspeed --hostfile hosts --module blip3o_fast.cli train --config ...
@@ -25,7 +25,7 @@ def run(args) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train a DiT with DeepSpeed (one process, torchrun or deepspeed)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run config YAML (may include model/task YAMLs)")
+    p.add_argument("--config", required=True, help="a shipped config name (`blip3o-fast config list`) or a YAML path")
     p.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint of the run folder, if any), none, or a checkpoint folder")

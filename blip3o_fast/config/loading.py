@@ -1,16 +1,18 @@
 """Loading a run config: YAML files with `include:`, `section.key=value` overrides, typed coercion.
 
-A run config is one YAML file whose sections match `RunConfig`'s fields. It may list other YAML
-files under `include:` (paths relative to it, merged first, later ones win), which is how the
-`blip3o_fast/configs/model/*.yaml` sizes and `blip3o_fast/configs/task/*.yaml` tasks are composed.
-Command-line overrides are `section.key=value` with YAML-parsed values. Unknown keys are rejected with the
-nearest valid name.
+A run config is one YAML file whose sections match `RunConfig`'s fields, given as a path or as the
+name of a config shipped in the package (`demo`, `eva_to_clip_base`, `model/base`: the files of
+`blip3o_fast/configs/`, package data, so names work from an installed wheel). It may list other YAML
+files under `include:` (relative to it, else to the shipped configs; merged first, later ones win),
+which is how the `model/*.yaml` sizes and `task/*.yaml` tasks are composed. Command-line overrides
+are `section.key=value` with YAML-parsed values. Unknown keys are rejected with the nearest valid name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import types
 import typing
 from pathlib import Path
@@ -36,6 +38,47 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def shipped_dir() -> Path:
+    """The folder of the configs shipped as package data."""
+    return Path(str(importlib.resources.files("blip3o_fast") / "configs"))
+
+
+def shipped_names() -> list[str]:
+    """Every shipped config by name: the run configs first (`demo`), then the parts (`model/base`)."""
+    root = shipped_dir()
+    names = [p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")]
+    return sorted(names, key=lambda n: ("/" in n, n))
+
+
+def _shipped(name: str) -> Path | None:
+    stem = name[:-5] if name.endswith(".yaml") else name
+    return shipped_dir() / f"{stem}.yaml" if stem in shipped_names() else None
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """An existing file as given, else the shipped config of that name; a one-line ConfigError otherwise."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = _shipped(str(name_or_path))
+    if shipped is not None:
+        return shipped
+    runs = [n for n in shipped_names() if "/" not in n]
+    if "/" in str(name_or_path) or path.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"config file {path} does not exist (nor is it a shipped config name): fix the path, or "
+                          f"give a name from `blip3o-fast config list`")
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a shipped config name"
+                      f"{_nearest(str(name_or_path), runs)}: give a YAML path or a name from `blip3o-fast config list`")
+
+
+def _include(parent: Path, inc: str) -> Path:
+    """An include relative to the including file, else a shipped config (so a copied template still composes)."""
+    local = parent / inc
+    if local.is_file():
+        return local
+    return _shipped(str(inc)) or local
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
@@ -50,7 +93,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     merged: dict = {}
     for inc in raw.pop("include", None) or []:
-        merged = _merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
+        merged = _merge(merged, _read_yaml(_include(path.parent, inc), seen + (path,)))
     return _merge(merged, raw)
 
 
@@ -134,6 +177,6 @@ def from_dict(values: dict) -> RunConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """The RunConfig of a YAML file (or the defaults) with `section.key=value` overrides applied."""
-    values = _read_yaml(Path(path)) if path is not None else {}
+    """The RunConfig of a YAML file or shipped config name (or the defaults) with `section.key=value` overrides."""
+    values = _read_yaml(resolve_config(path)) if path is not None else {}
     return from_dict(apply_overrides(values, list(overrides or [])))

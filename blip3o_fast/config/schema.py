@@ -65,7 +65,7 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
-    """The DiT (docs/architecture.md §3.7); blip3o_fast/configs/model/{tiny,small,base,large}.yaml: the named sizes."""
+    """The DiT (docs/architecture.md §3.7); the shipped configs model/{tiny,small,base,large} are the named sizes."""
 
     hidden_size: int = 768
     """width H of the transformer"""

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .format import DataError, StreamSpec, TextSpec, grid_of, stream_names
+from .split import check_fraction, held_out
 from .writer import ShardSetWriter, prepare_output, save_manifest
 
 PRIOR_MANIFEST = "embeddings_manifest.json"
@@ -71,8 +72,9 @@ def _array(x, path: Path, key: str) -> np.ndarray:
 
 def convert_chunks(src, out, trust_pickle: bool = False, task: str = "eva_to_clip", shard_size: int = 500,
                    eval_shards: int = 0, grid: tuple[int, int] | None = None, clip_model: str | None = None,
-                   overwrite: bool = False, progress: bool = True) -> dict:
-    """Converts every source shard; the last `eval_shards` go to the eval split. Returns a summary."""
+                   overwrite: bool = False, progress: bool = True, eval_fraction: float = 0.0) -> dict:
+    """Converts every source shard; the last `eval_shards` go to the eval split, or the samples whose key
+    hashes below `eval_fraction` (data/split.py). Returns a summary."""
     from tqdm import tqdm
 
     src, out = Path(src).expanduser(), Path(out).expanduser()
@@ -91,6 +93,8 @@ def convert_chunks(src, out, trust_pickle: bool = False, task: str = "eva_to_cli
     paths = _source_shards(src, prior)
     if not 0 <= eval_shards < len(paths):
         raise DataError(f"--eval-shards {eval_shards} must be below the {len(paths)} source shards")
+    if check_fraction(eval_fraction) and eval_shards:
+        raise DataError("--eval-shards and --eval-fraction both choose the eval split: give one of them")
 
     first = _load(paths[0])
     eva, clip = _array(first[EVA_KEY], paths[0], EVA_KEY), _array(first[CLIP_KEY], paths[0], CLIP_KEY)
@@ -114,7 +118,7 @@ def convert_chunks(src, out, trust_pickle: bool = False, task: str = "eva_to_cli
     seen: set[str] = set()
     bar = tqdm(total=int(prior.get("total_samples") or 0) or None, unit="sample", desc="convert", disable=not progress)
     for n, path in enumerate(paths):
-        split = "eval" if n >= len(paths) - eval_shards else "train"
+        shard_split = "eval" if n >= len(paths) - eval_shards else "train"
         data = _load(path)  # one source shard in memory at a time
         for key in (EVA_KEY, CLIP_KEY, "captions"):
             if key not in data:
@@ -130,11 +134,9 @@ def convert_chunks(src, out, trust_pickle: bool = False, task: str = "eva_to_cli
                 dims[name] = x.shape[2]
             elif dims[name] != x.shape[2]:
                 raise DataError(f"{path}: {name} dim {x.shape[2]} differs from the first shard's {dims[name]}")
-        if split not in writers:
-            c = StreamSpec(cond_name, _model(data, cond_key), dims["cond"], tokens, cls)
-            t = StreamSpec(target_name, _model(data, target_key), dims["target"], tokens, cls)
-            text = TextSpec(encoder.dim, 1, 1, clip_model) if encoder else None
-            writers[split] = ShardSetWriter(out, split, c, t, text, shard_size=shard_size)
+        specs = (StreamSpec(cond_name, _model(data, cond_key), dims["cond"], tokens, cls),
+                 StreamSpec(target_name, _model(data, target_key), dims["target"], tokens, cls),
+                 TextSpec(encoder.dim, 1, 1, clip_model) if encoder else None)
         captions = [str(c) for c in data["captions"]]
         keys = [str(k) for k in data.get("keys") or [f"{n:05d}_{i:06d}" for i in range(count)]]
         text = encoder.embed(captions) if encoder else None
@@ -143,6 +145,9 @@ def convert_chunks(src, out, trust_pickle: bool = False, task: str = "eva_to_cli
             while key in seen:  # keys must be unique within the dataset
                 key = f"{key}-{n:05d}"
             seen.add(key)
+            split = "eval" if held_out(key, eval_fraction) else shard_split
+            if split not in writers:
+                writers[split] = ShardSetWriter(out, split, *specs, shard_size=shard_size)
             writers[split].write(key, cond[i], target[i], None if text is None else text[i:i + 1], [captions[i]],
                                  {"file": path.name, "index": i, "key": keys[i]})
             bar.update(1)

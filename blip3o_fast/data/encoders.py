@@ -17,6 +17,16 @@ from ..errors import UserError
 from .head import save_head
 
 
+def require_extract_extra(what: str) -> None:
+    """A one-line UserError when the `extract` extra (transformers, PIL) is not installed."""
+    for module in ("transformers", "PIL"):
+        try:
+            __import__(module)
+        except ModuleNotFoundError:
+            raise UserError(f"{what} needs {module}, which is not installed: pip install 'blip3o-fast[extract]'") \
+                from None
+
+
 def _load(kind, name: str, what: str, **kw):
     """from_pretrained with the usual failures turned into one-line UserErrors."""
     try:
@@ -72,6 +82,7 @@ def save_clip_head(model, folder) -> Path:
 
 def load_clip_text(name: str, model=None, device: str = "cpu") -> ClipText:
     """The text tower of a full CLIP checkpoint (CLIPModel), reusing `model` when it is already loaded."""
+    require_extract_extra("embedding captions with a CLIP model")
     from transformers import AutoTokenizer, CLIPModel
 
     if model is None:

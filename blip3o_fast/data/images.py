@@ -1,10 +1,15 @@
-"""The image side of `extract`: input tar shards (brace patterns, folders) read with webdataset, one
-decoded, preprocessed image and its captions per sample; bad images are reported, not raised."""
+"""The image side of `extract`: input tar shards (brace patterns, folders, remote URLs) read with webdataset,
+one decoded, preprocessed image and its captions per sample; bad images are reported, not raised.
+
+Remote shards are opened the way webdataset opens them (its `gopen`): `pipe:CMD` reads CMD's stdout,
+`http(s)://` goes through curl; `s3://` becomes `pipe:aws s3 cp URL -` (webdataset has no s3 opener).
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +18,41 @@ import torch
 from ..errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")  # what webdataset opens (+ s3)
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE)
 
 
 def expand_images(pattern: str) -> list[str]:
-    """Input shards of a brace pattern ('DIR/{00000..00009}.tar') or every *.tar of a folder, checked to exist."""
+    """Input shards of a brace pattern ('DIR/{00000..00009}.tar', also of a URL) or every *.tar of a folder; local
+    files are checked to exist and named by their absolute path (the resume records are keyed by it)."""
     import braceexpand
 
+    if is_remote(pattern):
+        return list(braceexpand.braceexpand(pattern))
     path = Path(pattern).expanduser()
-    urls = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else list(braceexpand.braceexpand(pattern))
+    urls = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else list(braceexpand.braceexpand(str(path)))
     if not urls:
         raise UserError(f"--images {pattern!r} names no shards: give 'DIR/{{00000..00009}}.tar' or a folder of .tar")
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise UserError(f"{len(missing)} of {len(urls)} image shards do not exist (first: {missing[0]}): fix --images")
-    return urls
+    return [str(Path(u).resolve()) for u in urls]
+
+
+def opener_url(url: str) -> str:
+    """What webdataset's gopen is given: s3 through the AWS CLI, everything else as is."""
+    return f"pipe:aws s3 cp {url} -" if url.startswith("s3://") else url
+
+
+def source_name(url: str) -> str:
+    """A short file-name-safe name of a source ('pipe:cat /d/00012.tar' -> '00012')."""
+    last = re.split(r"[\s/:]+", url.strip().rstrip("-").strip())
+    stem = next((p for p in reversed(last) if p), "shard")
+    stem = stem[:-4] if stem.endswith(".tar") else stem
+    return re.sub(r"[^A-Za-z0-9_]", "_", stem)[:40] or "shard"
 
 
 class ImageShard(torch.utils.data.IterableDataset):
@@ -47,7 +73,7 @@ class ImageShard(torch.utils.data.IterableDataset):
             errors.append(str(exn).splitlines()[0][:200])
             return False  # a broken tar stream cannot be resynchronised: stop this shard
 
-        for p, sample in enumerate(wds.tarfile_samples([{"url": self.url}], handler=handler)):
+        for p, sample in enumerate(wds.tarfile_samples([{"url": opener_url(self.url)}], handler=handler)):
             if p % n != w:
                 continue
             key = sample["__key__"].split("/")[-1]
@@ -67,17 +93,29 @@ class ImageShard(torch.utils.data.IterableDataset):
 
 
 def _captions(sample: dict) -> list[str]:
-    if "txt" in sample:
-        text = sample["txt"].decode("utf-8", "replace").strip()
-        return [text] if text else []
+    """The captions of a sample: a .json's "captions" list (COCO's 5) or "caption"/"text", a .txt (one caption, or
+    a JSON list of them); empty ones dropped."""
+    found: list = []
     if "json" in sample:
         try:
             meta = json.loads(sample["json"])
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return []
-        caption = meta.get("caption") or meta.get("text") if isinstance(meta, dict) else None
-        return [str(caption)] if caption else []
-    return []
+            meta = None
+        if isinstance(meta, list):
+            found = meta
+        elif isinstance(meta, dict):
+            value = meta.get("captions") or meta.get("caption") or meta.get("text")
+            found = value if isinstance(value, list) else [value]
+    if not any(found) and "txt" in sample:
+        text = sample["txt"].decode("utf-8", "replace").strip()
+        found = [text]
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError:
+                parsed = None
+            found = parsed if isinstance(parsed, list) else found
+    return [str(c).strip() for c in found if c is not None and str(c).strip()]
 
 
 def collate_images(items: list[dict]) -> dict:

@@ -179,6 +179,11 @@ def evaluate(model, dataset: Dataset, cfg, dist_info: distributed.Dist, split: s
     everything = collected.gathered()
     if "count" not in everything or int(everything["count"].sum()) == 0:
         raise UserError(f"the {split} split produced no valid samples to evaluate")
+    if has_text and bool((everything["caption_count"] == 0).any()):
+        missing = int((everything["caption_count"] == 0).sum())
+        raise UserError(f"{missing} of {int(everything['count'].sum())} samples of the {split} split have no caption, "
+                        f"and image->text Recall@K needs one per image: extract skips such images; evaluate a split "
+                        f"whose samples all have captions")
     mean_target = (everything["target_sum"].sum(0) / everything["count"].sum()).to(device)
     mean_collected = _Collected()
     seen = 0
@@ -197,7 +202,8 @@ def evaluate(model, dataset: Dataset, cfg, dist_info: distributed.Dist, split: s
     everything.update(mean_collected.gathered())
     return _report(everything, has_text, task.target_cls, mode, head is not None, dict(
         split=split, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-        timestep_shift=cfg.eval.timestep_shift, total_in_split=total))
+        timestep_shift=cfg.eval.timestep_shift, batch_size=cfg.eval.batch_size, fused_ops=cfg.model.fused_ops,
+        total_in_split=total))
 
 
 def _report(c: dict, has_text: bool, has_cls: bool, mode: str, has_head: bool, settings: dict) -> dict:

@@ -33,9 +33,10 @@ def build_info() -> dict | None:
 def load() -> None:
     info = build_info()
     if info is not None and info.get("torch") != torch.__version__:
+        # an installed wheel pins torch to its build (setup.py), so this is a torch changed afterwards
         raise ExtensionError(
             f"blip3o_fast._C was built for torch {info.get('torch')} but torch {torch.__version__} is "
-            f"running: {REBUILD}"
+            f"running: pip install 'torch=={info.get('torch')}', or {REBUILD}"
         )
     try:
         importlib.import_module("blip3o_fast._C")
