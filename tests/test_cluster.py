@@ -88,15 +88,25 @@ def test_an_srun_style_two_task_job_trains_as_torchrun_does(small_data, tmp_path
 
 # -- logs a batch job can read -----------------------------------------------------------------------
 
-def test_without_a_terminal_rank_0_prints_plain_lines_and_logs_info(small_data, tmp_path):  # noqa: F811
+def test_without_a_terminal_rank_0_prints_plain_lines_and_logs_info_and_the_profile_is_written(small_data,  # noqa: F811
+                                                                                                 tmp_path):
+    """A run as in a batch job (stdout is a pipe), with the profiler window on steps [1, 2)."""
+    import json
+
     run = tmp_path / "log"
-    result = run_train(small_data, run, 3, "train.ckpt_every=2", "train.log_every=2")  # stdout is a pipe
+    result = run_train(small_data, run, 3, "train.ckpt_every=2", "train.log_every=2", "train.profile=true",
+                       "train.profile_steps=[1,2]")
     lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/3", "3/3"], result.stdout
     assert re.match(r"step 2/3  loss \d+\.\d{4}  lr \S+  samples/s \d+\.\d  data wait \d+%$", lines[0]), lines[0]
     # logging is configured at start: the checkpoint INFO lines reach the log, tagged with the rank
     assert re.search(r"rank 0 INFO blip3o_fast\.train: checkpoint \S+step-0000002 \(periodic\)", result.stderr), \
         result.stderr[-2000:]
+    # the profile: a Chrome trace holding the fused ops, and the CPU memory timeline
+    trace = json.loads((run / "profile" / "trace-rank0.json").read_text())
+    assert any("blip3o_fast::" in e.get("name", "") for e in trace["traceEvents"])
+    assert (run / "profile" / "memory-timeline-rank0.html").stat().st_size > 0
+    assert "rank 0 INFO blip3o_fast.profile: profile of steps 2-2" in result.stderr
 
 
 def test_warnings_of_other_ranks_carry_their_rank():
@@ -272,11 +282,11 @@ def test_training_with_a_users_deepspeed_config_and_its_errors(small_data, tmp_p
                               "zero_optimization": {"stage": "auto", "reduce_bucket_size": "auto"},
                               "communication_data_type": "fp32"}))
     plain, own = tmp_path / "plain", tmp_path / "own"
-    run_train(small_data, plain, 2, "train.ckpt_every=100")
-    run_train(small_data, own, 2, "train.ckpt_every=100", "--deepspeed_config", str(ds))
+    run_train(small_data, plain, 1)
+    run_train(small_data, own, 1, "--deepspeed_config", str(ds))
     assert losses(own) == losses(plain)
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
-    result = run_train(small_data, tmp_path / "bad", 2, f"train.deepspeed_config={ds}", check=False)
+    result = run_train(small_data, tmp_path / "bad", 1, f"train.deepspeed_config={ds}", check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"blip3o-fast train: error: {ds} disagrees with the run config: train_micro_batch_size_per_gpu=4 but "
@@ -331,11 +341,11 @@ def test_the_wandb_run_id_is_kept_in_the_run_folder_and_passed_on_resume(tmp_pat
 
 def test_init_from_starts_from_the_weights_with_a_new_optimizer_at_step_0(small_data, tmp_path):  # noqa: F811
     source = tmp_path / "source"
-    run_train(small_data, source, 3, "train.ckpt_every=100")
+    run_train(small_data, source, 2)
     tuned = tmp_path / "tuned"
-    result = run_train(small_data, tuned, 2, f"train.init_from={source}", "train.ckpt_every=100")
-    assert f"initialized from {source / 'checkpoints' / 'step-0000003' / 'ema.safetensors'}" in result.stdout
-    assert "resumed from" not in result.stdout and sorted(losses(tuned)) == [1, 2]
+    result = run_train(small_data, tuned, 1, f"train.init_from={source}")
+    assert f"initialized from {source / 'checkpoints' / 'step-0000002' / 'ema.safetensors'}" in result.stdout
+    assert "resumed from" not in result.stdout and sorted(losses(tuned)) == [1]
     # same seed, data and schedule as the source's first steps: only the starting weights differ
     assert losses(tuned)[1] != losses(source)[1]
     import json
@@ -343,7 +353,7 @@ def test_init_from_starts_from_the_weights_with_a_new_optimizer_at_step_0(small_
     rows = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     first = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines()][0]
     assert rows[0]["lr"] == first["lr"]  # the warmup starts again: step 0 of a new schedule
-    again = run_train(small_data, tuned, 3, f"train.init_from={source}", "train.ckpt_every=100")
+    again = run_train(small_data, tuned, 2, f"train.init_from={source}")
     assert "resumed from" in again.stdout and "initialized from" not in again.stdout  # its own checkpoint wins
 
 
@@ -375,19 +385,6 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
-
-
-# -- profile ---------------------------------------------------------------------------------------------
-
-def test_profile_writes_a_chrome_trace_and_a_memory_timeline(small_data, tmp_path):  # noqa: F811
-    import json
-
-    run = tmp_path / "prof"
-    run_train(small_data, run, 3, "train.profile=true", "train.profile_steps=[1,2]", "train.ckpt_every=100")
-    trace = json.loads((run / "profile" / "trace-rank0.json").read_text())
-    names = {e.get("name", "") for e in trace["traceEvents"]}
-    assert any("blip3o_fast::" in n for n in names), "the fused ops appear in the trace"
-    assert (run / "profile" / "memory-timeline-rank0.html").stat().st_size > 0
 
 
 # -- a rank that dies ----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """What a run will need, checked before its first step (docs/architecture.md §4.4): a run that would
 fail hours in (at its first evaluation, its first checkpoint) fails now, with one line.
 
-    check_run(cfg, dataset, run_dir, n_params)
+    check_eval_split(cfg, dataset)         # when train.eval_every > 0
+    check_disk_space(run_dir, n_params)
 """
 
 from __future__ import annotations
@@ -20,12 +21,6 @@ CHECKPOINT_BYTES_PER_PARAM = 20
 
 class DiskSpaceError(UserError):
     """Not enough free space in the run folder's filesystem for a checkpoint."""
-
-
-def check_run(cfg: RunConfig, dataset: Dataset, run_dir: Path, n_params: int) -> None:
-    if cfg.train.eval_every > 0:
-        check_eval_split(cfg, dataset)
-    check_disk_space(run_dir, n_params)
 
 
 def check_eval_split(cfg: RunConfig, dataset: Dataset) -> None:

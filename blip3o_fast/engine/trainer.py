@@ -40,13 +40,14 @@ from ..ops import check_device
 from ..runtime import distributed, exit_codes
 from ..runtime.checkpoint import Checkpointer, check_same_experiment
 from ..runtime.run_lock import hold_run_lock
+from .ds_config import deepspeed_config
 from .ema import EMA
 from .evaluator import Evaluator
 from .init_from import load_init_weights
 from .metrics import MetricsLogger, MetricsWindow, plot_loss, train_flops_per_sample
 from .model_engine import COMPUTE_DTYPE, ModelEngine, resolve_precision
 from .optim import lr_at
-from .preflight import check_run
+from .preflight import check_disk_space, check_eval_split
 from .profile import StepProfiler
 from .signals import StopRequest
 
@@ -62,6 +63,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.device = self.dist.device
         self.precision = resolve_precision(cfg.train.precision, self.device)
+        deepspeed_config(cfg, self.precision, self.dist.world_size)  # a bad DeepSpeed JSON fails now, before the build
         self.dtype = COMPUTE_DTYPE[self.precision]
 
         # the run folder's checkpoint first: --resume auto into another experiment's folder is refused at once
@@ -72,6 +74,8 @@ class Trainer:
         # data next: a bad dataset fails before anything heavy is built
         self.dataset = data.open_dataset(cfg.data.path)
         data.check_compatible(self.dataset, cfg.task)
+        if cfg.train.eval_every > 0:  # fail now, not at the first evaluation hours in
+            check_eval_split(cfg, self.dataset)
         self.loader = data.TrainLoader(
             self.dataset, cfg.data.train_split, cfg.data.batch_size, cfg.train.seed, self.dist.rank,
             self.dist.world_size, cfg.data.num_workers, cfg.data.shuffle_buffer,
@@ -87,7 +91,7 @@ class Trainer:
             if self.is_main:
                 print(f"initialized from {source} (weights only: new optimizer, step 0)", flush=True)
         self.flops_per_sample = train_flops_per_sample(model)
-        check_run(cfg, self.dataset, self.run_dir, sum(p.numel() for p in model.parameters()))
+        check_disk_space(self.run_dir, sum(p.numel() for p in model.parameters()))
         if self.is_main:
             print(model.describe(), flush=True)
         if cfg.train.compile:
