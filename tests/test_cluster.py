@@ -161,6 +161,16 @@ def test_resume_auto_into_another_experiments_folder_is_refused(small_data, tmp_
     assert sorted(p.name for p in run.rglob("*")) == before
 
 
+def test_only_what_defines_the_experiment_is_compared():
+    from blip3o_fast.runtime.checkpoint import differing_keys
+
+    saved = {"data": {"path": "d", "batch_size": 8, "num_workers": 2, "pin_memory": True}, "train": {"lr": 1.0},
+             "model": {"depth": 2, "fused_ops": True}, "task": {"name": "eva_to_clip"}}
+    now = {"data": {"path": "d", "batch_size": 16, "num_workers": 0, "pin_memory": False}, "train": {"lr": 2.0},
+           "model": {"depth": 2, "fused_ops": False}, "task": {"name": "clip_to_eva"}}
+    assert differing_keys(saved, now) == ["task.name ('eva_to_clip' -> 'clip_to_eva')", "data.batch_size (8 -> 16)"]
+
+
 # -- start-up checks -------------------------------------------------------------------------------------
 
 def test_a_missing_eval_split_fails_at_start(small_data, tmp_path):  # noqa: F811

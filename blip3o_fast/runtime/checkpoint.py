@@ -142,7 +142,7 @@ class Checkpointer:
 # what makes a folder's checkpoints another experiment: these sections, except keys that only say how to run it
 EXPERIMENT_SECTIONS = ("task", "model", "data")
 HOW_TO_RUN = {"model.attention", "model.fused_ops", "model.activation_checkpointing", "data.pin_memory",
-              "data.eval_split"}
+              "data.eval_split", "data.num_workers"}  # num_workers: the reader restarts its streams (§3.9.4)
 
 
 def differing_keys(saved: dict, current: dict) -> list[str]:
