@@ -70,6 +70,19 @@ def srun_job(data: Path, run: Path, steps: int, *extra: str, tasks: int = 2, **p
             for r in range(tasks)]
 
 
+def test_a_lone_task_of_a_multi_task_allocation_fails_in_bounded_time_with_one_line(small_data, tmp_path):  # noqa: F811
+    """`python -m blip3o_fast.cli train` run directly in a batch script of --ntasks 2 is one task of two:
+    it waits for the other only as long as the collective timeout, then says to put srun before it."""
+    e = {**env(), "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
+         "SLURM_JOB_ID": str(random.randrange(10**6, 10**7)), "BLIP3O_FAST_COLLECTIVE_TIMEOUT_S": "3"}
+    result = subprocess.run(train_cmd(small_data, tmp_path / "lone", 1), capture_output=True, text=True, cwd=ROOT,
+                            env=e, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("blip3o-fast train: error: rank 0 of 2: the other ranks did not join within 3 s")
+    assert "put srun before it, or set BLIP3O_FAST_SLURM=off" in last
+
+
 @pytest.mark.slow
 def test_an_srun_style_two_task_job_trains_as_torchrun_does(small_data, tmp_path):  # noqa: F811
     """Two plain `python -m blip3o_fast.cli train` processes with only SLURM's variables join one job

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from . import slurm
 from .slurm import adopt_slurm_ranks
 
 
@@ -34,7 +35,8 @@ class Dist:
 
 def init(backend: str | None = None) -> Dist:
     """Joins (or creates) the process group: NCCL on GPUs, gloo on CPU (or the given backend)."""
-    adopt_slurm_ranks()  # srun tasks: RANK/WORLD_SIZE/... from SLURM_PROCID/SLURM_NTASKS/... (no-op otherwise)
+    # srun tasks: RANK/WORLD_SIZE/... from SLURM_PROCID/SLURM_NTASKS/... (no-op otherwise; the CLI did it already)
+    from_slurm = bool(adopt_slurm_ranks()) or slurm.under_srun({k: v for k, v in os.environ.items() if k != "RANK"})
     # one process (no launcher, or a launcher of one): a 1-rank group whatever the environment holds,
     # also when it inherited RANK from a parent that ran one itself
     alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
@@ -57,8 +59,15 @@ def init(backend: str | None = None) -> Dist:
         if alone:  # an in-memory store: no port to pick, so no race with other jobs for one
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
         else:  # a bounded wait: a rank that died or hangs ends the job in minutes, not gloo's default 30
-            dist.init_process_group(backend=backend, device_id=device_id,
-                                    timeout=datetime.timedelta(seconds=collective_timeout_s()))
+            timeout = collective_timeout_s()
+            try:
+                dist.init_process_group(backend=backend, device_id=device_id,
+                                        timeout=datetime.timedelta(seconds=timeout))
+            except dist.DistStoreError as e:
+                hint = ("a command run directly in a batch script is one task: put srun before it, or set "
+                        f"{slurm.MODE_ENV}=off" if from_slurm else "start every rank with the same MASTER_ADDR/PORT")
+                raise UserError(f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: the other ranks did "
+                                f"not join within {timeout:g} s ({str(e).splitlines()[0]}); {hint}") from None
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
