@@ -323,7 +323,10 @@ def test_a_second_job_into_a_live_run_folder_is_refused_then_resumes_exactly(sma
             os.kill(pid, signal.SIGCONT)
             os.kill(pid, signal.SIGTERM)  # the first job saves at its next step and ends
         out, err = first.communicate(timeout=300)
-        assert first.returncode == 0, err[-3000:]
+        # the ranks exit 75 (stopped after a checkpoint); torchrun reports any non-zero rank as its own 1 (and may
+        # SIGTERM a rank that was about to exit 75 too)
+        codes = set(re.findall(r"exitcode\s+: (-?\d+)", err))
+        assert first.returncode == 1 and "75" in codes and codes <= {"75", "-15"}, err[-3000:]
     finally:
         kill_all(ranks)
         kill_all([first.pid])

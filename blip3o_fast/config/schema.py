@@ -209,7 +209,11 @@ class TrainConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 (DDP-like), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)"""
     precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"""
+    """auto (bf16 on a GPU that supports it, else fp16; fp32 on CPU), bf16, fp16 (DeepSpeed's dynamic loss
+    scaling; GPU only) or fp32"""
+    deepspeed_config: str | None = None
+    """a DeepSpeed JSON merged over the generated config (offload, buckets, comms dtype, flops profiler);
+    keys our config also sets must be "auto" or agree with it"""
     compile: bool = False
     """torch.compile the DiT (in place; the fused ops stay opaque kernels inside the graph): faster steps after
     a compile of tens of seconds"""
@@ -229,19 +233,39 @@ class TrainConfig:
     """held-out samples of each evaluation during training"""
     max_nonfinite: int = 10
     """consecutive non-finite steps after which the run stops (with a checkpoint)"""
+    profile: bool = False
+    """record train.profile_steps with torch.profiler: a Chrome trace and a memory snapshot per rank in
+    <run>/profile/"""
+    profile_steps: tuple[int, int] = (10, 13)
+    """[start, end) step window of the profile (after warm-up; a few steps: traces are large)"""
+    init_from: str | None = None
+    """fine-tune: start from these weights (an export folder, a complete checkpoint or a run folder: its EMA
+    weights), with a new optimizer at step 0; a run folder with its own checkpoint resumes from that instead"""
     wandb: bool = False
     """also log to Weights & Biases (imported only when true)"""
     wandb_project: str = "blip3o-fast"
     """wandb project name"""
+    wandb_entity: str | None = None
+    """wandb entity (team or user); none is your default entity"""
+    wandb_name: str | None = None
+    """wandb run name; none is the run folder's name"""
+    wandb_group: str | None = None
+    """wandb group (e.g. one sweep or ablation)"""
+    wandb_tags: tuple[str, ...] = ()
+    """wandb tags; the run id is kept in <run>/wandb_run_id, so a resumed run continues the same W&B run"""
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        self.wandb_tags = tuple(self.wandb_tags)
+        self.profile_steps = tuple(self.profile_steps)
+        _require(len(self.profile_steps) == 2 and 0 <= self.profile_steps[0] < self.profile_steps[1],
+                 f"train.profile_steps must be [start, end) with 0 <= start < end, got {list(self.profile_steps)}")
         _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr must be > 0 and 0 <= train.min_lr <= train.lr")
         _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         _require(self.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        _one_of(self.precision, ("auto", "bf16", "fp32"), "train.precision")
+        _one_of(self.precision, ("auto", "bf16", "fp16", "fp32"), "train.precision")
         _require(0.0 <= self.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         _require(self.grad_clip >= 0, "train.grad_clip must be >= 0")
         _require(self.log_every >= 1 and self.ckpt_every >= 1 and self.keep_last >= 1,

@@ -1,11 +1,13 @@
-"""Run metrics: the window of steps between records (throughput, MFU, progress bar), metrics.jsonl,
-TensorBoard events, optional wandb, the loss plot, and the FLOP count behind MFU. Only rank 0 writes;
-the window reduces values across ranks before they are written."""
+"""Run metrics: the window of steps between records (throughput, MFU, progress bar or plain lines),
+metrics.jsonl, TensorBoard events, optional wandb (its run id kept in the run folder), the loss plot, and
+the FLOP count behind MFU. Only rank 0 writes; the window reduces values across ranks before they are
+written."""
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..runtime import distributed
+from ..runtime.files import atomic_write_text
 
 # dense bf16 tensor-core peak (FLOP/s) by device name: the MFU denominator
 PEAK_BF16_FLOPS = {
@@ -55,9 +58,24 @@ def train_flops_per_sample(model) -> float:
     return 3.0 * forward
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run folder's W&B run id, made on first use and kept in the folder: a resumed run (another
+    process, another job) logs into the same W&B run."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # 8 lowercase hex characters, W&B's id alphabet and length
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, wandb_project: str | None = None, config: dict | None = None,
+    def __init__(self, run_dir: Path, enabled: bool, wandb: dict | None = None, config: dict | None = None,
                  resume_step: int = 0):
+        """`wandb`: None, or the keyword arguments of wandb.init (project, entity, name, group, tags)."""
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
@@ -69,13 +87,15 @@ class MetricsLogger:
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step or None)
-        if wandb_project:
+        if wandb is not None:
             try:
-                import wandb
+                import wandb as wandb_module
             except ImportError:
                 raise UserError("train.wandb=true but wandb is not installed: pip install wandb, or set "
                                 "train.wandb=false") from None
-            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir), resume="allow")
+            settings = {k: v for k, v in wandb.items() if v not in (None, [], ())}
+            self.wandb = wandb_module.init(**settings, config=config, dir=str(run_dir), id=wandb_run_id(run_dir),
+                                           resume="allow")
 
     def log(self, step: int, values: dict, kind: str = "train") -> None:
         if not self.enabled:
@@ -138,9 +158,22 @@ def plot_loss(run_dir: Path) -> Path | None:
     return out
 
 
+def plain_line(step: int, steps: int, values: dict) -> str:
+    """One record as a line for a log file (no terminal: tqdm's bar is off there)."""
+    parts = [f"step {step}/{steps}", f"loss {values['loss']:.4f}", f"lr {values['lr']:.3g}",
+             f"samples/s {values['samples_per_s']:.1f}"]
+    if "mfu" in values:
+        parts.append(f"mfu {100 * values['mfu']:.1f}%")
+    parts.append(f"data wait {100 * values['data_wait_frac']:.0f}%")
+    if "gpu_mem_gib" in values:
+        parts.append(f"gpu mem {values['gpu_mem_gib']:.1f} GiB")
+    return "  ".join(parts)
+
+
 class MetricsWindow:
     """The steps since the last record: every `log_every` steps (and at the last step) their mean over
-    steps and ranks, throughput, MFU and data-wait share go to the log, and to the progress bar on rank 0.
+    steps and ranks, throughput, MFU and data-wait share go to the log, and on rank 0 to the progress bar
+    or, when stdout is not a terminal (a batch job), as one plain line (`plain_line`).
     A collective at each record: every rank calls `after_step` every step."""
 
     def __init__(self, logger: MetricsLogger, dist, cfg, flops_per_sample: float, start_step: int):
@@ -169,17 +202,23 @@ class MetricsWindow:
         keys = set().union(*window)
         local = {k: sum(r[k] for r in window if k in r) / sum(1 for r in window if k in r) for k in keys}
         local.pop("skipped", None)
+        local.pop("fault", None)
         values = distributed.mean_across(local, self.dist.device)
         values["samples_per_s"] = self.samples_per_step * len(window) / seconds
         values["tokens_per_s"] = values["samples_per_s"] * self.cfg.task.target_tokens
         values["data_wait_frac"] = values.pop("data_wait_s") * len(window) / seconds
         if self.peak is not None:
             values["mfu"] = values["samples_per_s"] * self.flops_per_sample / (self.peak * self.dist.world_size)
+        if self.dist.device.type == "cuda":  # this rank's peak since the last record
+            values["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.dist.device)
         values.update(extra)
         self.logger.log(step, values)
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", vcos=f"{values['velocity_cos']:.3f}",
                                  samples_s=f"{values['samples_per_s']:.0f}")
+        elif self.dist.is_main:  # no terminal: tqdm turned itself off, a log file gets plain lines
+            print(plain_line(step, self.cfg.train.steps, values), flush=True)
         self.records, self.started = [], time.perf_counter()
 
     def close(self) -> None:

@@ -1,13 +1,14 @@
-"""The DiT inside a DeepSpeed engine (ZeRO 0-3, fp32 or bf16) and the non-finite step skip.
+"""The DiT inside a DeepSpeed engine (ZeRO 0-3; fp32, bf16 or loss-scaled fp16) and the non-finite step skip.
 
     model_engine = ModelEngine(model, cfg, device, precision)   # .engine: the DeepSpeed engine (forward, checkpoints)
     model_engine.set_lr(lr)
     model_engine.backward(loss); model_engine.micro_step()       # between micro-batches
     grad_norm, skipped = model_engine.step()                     # at the accumulation boundary
 
-A step with a non-finite gradient changes no weight and no optimizer moment on any rank. ZeRO >= 1 and
-bf16 wrap the optimizer in DeepSpeed's own, which detects the overflow, skips and reports an infinite
-norm; stage 0 in fp32 passes our SkippableAdamW through unchecked, so we check the norm ourselves.
+A step with a non-finite gradient changes no weight and no optimizer moment on any rank. ZeRO >= 1,
+bf16 and fp16 wrap the optimizer in DeepSpeed's own, which detects the overflow, skips and reports an
+infinite norm (under fp16 a loss-scale overflow is also how the scale is found); stage 0 in fp32 passes
+our SkippableAdamW through unchecked, so we check the norm ourselves.
 Which of the two applies is decided once, when the engine is built.
 """
 
@@ -17,39 +18,35 @@ import math
 
 import deepspeed
 import torch
+import torch.distributed as dist
 
 from ..config import RunConfig
+from ..config.schema import ConfigError
+from .ds_config import deepspeed_config
 from .optim import SkippableAdamW, make_adamw
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 on a GPU that supports it, fp16 (loss-scaled) on one that does not, fp32 on CPU."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed's loss-scaled fp16 optimizer); use fp32 or "
+                          "auto on CPU")
     return precision
 
 
-def deepspeed_config(cfg: RunConfig, precision: str) -> dict:
-    zero = {"stage": cfg.train.zero_stage}
-    if cfg.train.zero_stage == 3:
-        # gather parameters per use and keep no persistent full copies: ZeRO-3's point
-        zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=int(1e9))
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.train.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 62,
-        "wall_clock_breakdown": False,
-    }
+COMPUTE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class ModelEngine:
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, device: torch.device, precision: str):
         optimizer = make_adamw(model, cfg.train, device)
+        world = dist.get_world_size() if dist.is_initialized() else 1
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    config=deepspeed_config(cfg, precision))
+                                                    config=deepspeed_config(cfg, precision, world))
         # our optimizer came back unwrapped: DeepSpeed will not check its gradients, we must
         self._local_check = isinstance(self.engine.optimizer, SkippableAdamW)
 

@@ -15,8 +15,9 @@ noise, timesteps and condition drops come from generators seeded by (seed, step,
 the learning rate is a function of the step, so a resumed run repeats the uninterrupted run's losses exactly.
 
 Faults: a non-finite loss or gradient on any rank skips the optimizer step on every rank and is counted;
-`train.max_nonfinite` in a row stops the run with a checkpoint. SIGTERM/SIGINT save a checkpoint at the
-next step boundary and exit 0. One job per run folder: a second one is refused (exit 2) while the lock is held.
+`train.max_nonfinite` in a row stops the run with a checkpoint (exit 3). SIGTERM/SIGINT save a checkpoint at
+the next step boundary and exit 75 (resumable; runtime/exit_codes.py). One job per run folder: a second one
+is refused (exit 2) while the lock is held.
 """
 
 from __future__ import annotations
@@ -36,19 +37,22 @@ from ..model import DiT
 from ..model.flow import training_loss
 from ..model.head import GlobalHead
 from ..ops import check_device
-from ..runtime import distributed
-from ..runtime.checkpoint import Checkpointer
+from ..runtime import distributed, exit_codes
+from ..runtime.checkpoint import Checkpointer, check_same_experiment
 from ..runtime.run_lock import hold_run_lock
+from .ds_config import deepspeed_config
 from .ema import EMA
 from .evaluator import Evaluator
+from .init_from import load_init_weights
 from .metrics import MetricsLogger, MetricsWindow, plot_loss, train_flops_per_sample
-from .model_engine import ModelEngine, resolve_precision
+from .model_engine import COMPUTE_DTYPE, ModelEngine, resolve_precision
 from .optim import lr_at
+from .preflight import check_disk_space, check_eval_split
+from .profile import StepProfiler
 from .signals import StopRequest
 
 log = logging.getLogger("blip3o_fast.train")
 
-EXIT_OK, EXIT_NONFINITE = 0, 3
 FAULT_NAN_ENV = "BLIP3O_FAST_FAULT_NAN_STEPS"  # test hook: comma-separated steps whose rank-0 loss is NaN
 
 
@@ -59,11 +63,19 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.device = self.dist.device
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        deepspeed_config(cfg, self.precision, self.dist.world_size)  # a bad DeepSpeed JSON fails now, before the build
+        self.dtype = COMPUTE_DTYPE[self.precision]
 
-        # data first: a bad dataset fails before anything heavy is built
+        # the run folder's checkpoint first: --resume auto into another experiment's folder is refused at once
+        self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, self.dist)
+        checkpoint = self.checkpointer.resolve(resume)
+        if resume == "auto" and checkpoint is not None:
+            check_same_experiment(checkpoint, cfg.to_dict())
+        # data next: a bad dataset fails before anything heavy is built
         self.dataset = data.open_dataset(cfg.data.path)
         data.check_compatible(self.dataset, cfg.task)
+        if cfg.train.eval_every > 0:  # fail now, not at the first evaluation hours in
+            check_eval_split(cfg, self.dataset)
         self.loader = data.TrainLoader(
             self.dataset, cfg.data.train_split, cfg.data.batch_size, cfg.train.seed, self.dist.rank,
             self.dist.world_size, cfg.data.num_workers, cfg.data.shuffle_buffer,
@@ -74,25 +86,33 @@ class Trainer:
             check_device(self.device)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = DiT(cfg.model, cfg.task)
+        if cfg.train.init_from and checkpoint is None:  # fine-tune: weights only; a run's own checkpoint wins
+            source = load_init_weights(model, cfg.train.init_from)
+            if self.is_main:
+                print(f"initialized from {source} (weights only: new optimizer, step 0)", flush=True)
         self.flops_per_sample = train_flops_per_sample(model)
+        check_disk_space(self.run_dir, sum(p.numel() for p in model.parameters()))
         if self.is_main:
             print(model.describe(), flush=True)
         if cfg.train.compile:
             model.compile(dynamic=False)  # in place: parameter names, checkpoints and EMA are unchanged
         self.model_engine = ModelEngine(model, cfg, self.device, self.precision)
         self.ema = EMA(self.model_engine.module, cfg.train.ema_decay)
-        self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, self.dist)
         self.evaluator = Evaluator(cfg, self.dataset, self.dist, self.run_dir)
 
         self.step = 0
         self.counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0, "samples": 0}
-        self._restore(self.checkpointer.resolve(resume))
+        self._restore(checkpoint)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         distributed.barrier()
-        self.logger = MetricsLogger(self.run_dir, self.is_main, cfg.train.wandb_project if cfg.train.wandb else None,
-                                    cfg.to_dict(), resume_step=self.step)
+        wandb = (dict(project=cfg.train.wandb_project, entity=cfg.train.wandb_entity,
+                      name=cfg.train.wandb_name or self.run_dir.name, group=cfg.train.wandb_group,
+                      tags=list(cfg.train.wandb_tags)) if cfg.train.wandb else None)
+        self.logger = MetricsLogger(self.run_dir, self.is_main, wandb, cfg.to_dict(), resume_step=self.step)
+        self.profiler = StepProfiler(cfg.train.profile, cfg.train.profile_steps, self.run_dir, self.dist.rank,
+                                     self.device)
         self.fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_ENV, "").split(",") if s.strip()}
 
     def _contrastive_head(self) -> GlobalHead:
@@ -145,7 +165,9 @@ class Trainer:
         if not skipped:
             self.ema.update(self.step)
         record = {key: torch.stack(values).mean().item() for key, values in sums.items()}
-        record.update(lr=lr, data_wait_s=data_wait, skipped=float(skipped))
+        # under fp16 a skipped step with a finite loss is a loss-scale overflow: expected, not a fault (§4.1)
+        fault = distributed.any_true(nonfinite_loss, self.device) if self.precision == "fp16" else skipped
+        record.update(lr=lr, data_wait_s=data_wait, skipped=float(skipped), fault=float(fault))
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         return record
@@ -158,24 +180,27 @@ class Trainer:
         batches = iter(self.loader)
         metrics = MetricsWindow(self.logger, self.dist, cfg, self.flops_per_sample, self.step)
         samples_per_step = metrics.samples_per_step
-        exit_code = EXIT_OK
+        exit_code = exit_codes.OK
         try:
             with StopRequest() as stop:
                 while self.step < cfg.train.steps:
+                    self.profiler.before_step(self.step)
                     record = self.train_step(batches)
                     self.step += 1
+                    self.profiler.after_step(self.step)
                     self._count(record, samples_per_step)
                     metrics.after_step(self.step, record, self._log_extra())
                     if self.counters["nonfinite_in_a_row"] >= cfg.train.max_nonfinite:
                         self._save("non-finite")
                         self._say_nonfinite_stop()
-                        exit_code = EXIT_NONFINITE
+                        exit_code = exit_codes.NONFINITE
                         break
                     if distributed.any_true(stop.requested, self.device):
                         self._save("signal")
                         if self.is_main:
-                            print(f"stopped by signal at step {self.step}; checkpoint saved, resume with --resume auto",
-                                  flush=True)
+                            print(f"stopped by signal at step {self.step}; checkpoint saved, resume with --resume auto "
+                                  f"(exit {exit_codes.STOPPED})", flush=True)
+                        exit_code = exit_codes.STOPPED
                         break
                     if self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.steps:
                         self._save("periodic" if self.step < cfg.train.steps else "final")
@@ -184,6 +209,7 @@ class Trainer:
                                         kind="eval")
                         self.model_engine.train()
         finally:
+            self.profiler.close()
             metrics.close()
             self.logger.close()
         if self.is_main:
@@ -194,6 +220,7 @@ class Trainer:
         self.counters["samples"] += samples_per_step
         if record["skipped"]:
             self.counters["nonfinite_steps"] += 1
+        if record["fault"]:
             self.counters["nonfinite_in_a_row"] += 1
         else:
             self.counters["nonfinite_in_a_row"] = 0
@@ -226,7 +253,17 @@ class Trainer:
 def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: str | None = "auto") -> int:
     run_dir = Path(run_dir or cfg.train.out_dir)
     # the lock comes before anything is written into the folder (config.yaml, metrics, checkpoints)
-    with hold_run_lock(run_dir, "train", distributed.init()) as lock:
+    dist = distributed.init()
+    with hold_run_lock(run_dir, "train", dist) as lock:
         if lock is not None:
             print(f"run folder lock: {lock.describe()}", flush=True)
-        return Trainer(cfg, run_dir, resume).fit()
+        try:
+            return Trainer(cfg, run_dir, resume).fit()
+        except Exception as e:
+            if dist.world_size == 1 or not distributed.is_peer_failure(e):
+                raise
+            # another rank died (or hangs past the collective timeout): no collective can complete any more
+            print(f"blip3o-fast train: rank {dist.rank}: another rank died or stopped answering "
+                  f"({str(e).splitlines()[0][:200]}); rerun the same command to resume from the newest complete "
+                  f"checkpoint (exit {exit_codes.RANK_LOST})", file=sys.stderr, flush=True)
+            return exit_codes.RANK_LOST

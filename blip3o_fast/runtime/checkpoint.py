@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
@@ -136,6 +137,35 @@ class Checkpointer:
         set_rng_state(rank_state.pop("rng"))
         meta = json.loads((path / "meta.json").read_text())
         return Restored(int(meta["step"]), meta, rank_state, load_file(str(path / "ema.safetensors")))
+
+
+# what makes a folder's checkpoints another experiment: these sections, except keys that only say how to run it
+EXPERIMENT_SECTIONS = ("task", "model", "data")
+HOW_TO_RUN = {"model.attention", "model.fused_ops", "model.activation_checkpointing", "data.pin_memory",
+              "data.eval_split", "data.num_workers"}  # num_workers: the reader restarts its streams (§3.9.4)
+
+
+def differing_keys(saved: dict, current: dict) -> list[str]:
+    """`section.key (saved -> current)` for every experiment key whose value differs."""
+    out = []
+    for section in EXPERIMENT_SECTIONS:
+        a, b = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            name = f"{section}.{key}"
+            if name not in HOW_TO_RUN and a.get(key) != b.get(key):
+                out.append(f"{name} ({a.get(key)!r} -> {b.get(key)!r})")
+    return out
+
+
+def check_same_experiment(checkpoint: Path, current: dict) -> None:
+    """--resume auto continues only the same experiment: a folder whose newest checkpoint was trained with
+    another model, task or data is refused with the differing keys (docs/architecture.md §3.11)."""
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    diff = differing_keys(saved, current)
+    if diff:
+        raise UserError(f"--resume auto: run folder {checkpoint.parent.parent} holds another experiment; its "
+                        f"checkpoint {checkpoint.name} differs in {', '.join(diff)}; pass --out NEW_FOLDER for a new "
+                        f"run, or --resume {checkpoint} to continue from it with this config")
 
 
 def load_ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -2,11 +2,13 @@
 
 One process or many, the run always has a process group (DeepSpeed needs one): a lone process
 gets a single-rank group on an in-memory store (no port to race for). Launch many with `torchrun`, `deepspeed` or a
-hostfile; their environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is used as is.
+hostfile; their environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is used as is. Under `srun` the
+tasks' SLURM variables are mapped to those first (runtime/slurm.py).
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from . import slurm
+from .slurm import adopt_slurm_ranks
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class Dist:
 
 def init(backend: str | None = None) -> Dist:
     """Joins (or creates) the process group: NCCL on GPUs, gloo on CPU (or the given backend)."""
+    # srun tasks: RANK/WORLD_SIZE/... from SLURM_PROCID/SLURM_NTASKS/... (no-op otherwise; the CLI did it already)
+    from_slurm = bool(adopt_slurm_ranks()) or slurm.under_srun({k: v for k, v in os.environ.items() if k != "RANK"})
     # one process (no launcher, or a launcher of one): a 1-rank group whatever the environment holds,
     # also when it inherited RANK from a parent that ran one itself
     alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
@@ -52,9 +58,42 @@ def init(backend: str | None = None) -> Dist:
         device_id = device if backend == "nccl" else None
         if alone:  # an in-memory store: no port to pick, so no race with other jobs for one
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
-        else:
-            dist.init_process_group(backend=backend, device_id=device_id)
+        else:  # a bounded wait: a rank that died or hangs ends the job in minutes, not gloo's default 30
+            timeout = collective_timeout_s()
+            try:
+                dist.init_process_group(backend=backend, device_id=device_id,
+                                        timeout=datetime.timedelta(seconds=timeout))
+            except dist.DistStoreError as e:
+                hint = ("a command run directly in a batch script is one task: put srun before it, or set "
+                        f"{slurm.MODE_ENV}=off" if from_slurm else "start every rank with the same MASTER_ADDR/PORT")
+                raise UserError(f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: the other ranks did "
+                                f"not join within {timeout:g} s ({str(e).splitlines()[0]}); {hint}") from None
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+TIMEOUT_ENV = "BLIP3O_FAST_COLLECTIVE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600  # longer than any checkpoint save or evaluation one rank may do while the others wait
+
+
+def collective_timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise UserError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for the errors a collective raises when another rank is gone or does not answer in time."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out", "Broken pipe",
+        "NCCL communicator was aborted", "Socket Timeout"))
 
 
 def barrier() -> None:
