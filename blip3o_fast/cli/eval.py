@@ -34,7 +34,8 @@ def run_model(args) -> int:
     check_compatible(dataset, cfg.task)
     max_samples = cfg.eval.max_samples if args.max_samples is None else args.max_samples
     report = evaluate(gen.model, dataset, cfg, dist_info, split=args.split, max_samples=max_samples,
-                      steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed)
+                      steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed,
+                      norm=gen.norm)
     report["model"] = str(args.model)
     if dist_info.is_main:
         name = f"model-{report['sampler']}{report['steps']}"
