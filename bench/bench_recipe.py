@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -68,24 +69,45 @@ def _cli(*args: str) -> float:
 
 
 def _train(data: Path, run: Path, steps: int, overrides: list[str]) -> float:
+    shutil.rmtree(run, ignore_errors=True)  # from scratch: an existing run folder would be resumed
     return _cli("train", "--config", str(CONFIG), "--out", str(run), f"data.path={data}", f"train.steps={steps}",
                 f"train.ckpt_every={steps}", "train.eval_every=0", "data.num_workers=0", *overrides)
 
 
+COST_KEYS = ("model.", "data.batch_size", "flow.contrastive_weight")  # what changes the CPU cost of a step
+_per_step: dict[tuple, float] = {}
+_trained: dict[tuple, tuple[Path, int, float, float]] = {}
+
+
+def _cost_per_step(overrides: list[str], data: Path, work: Path) -> float:
+    """CPU seconds per training step of this model size and batch: two probe runs separate the start-up."""
+    key = tuple(o for o in overrides if o.startswith(COST_KEYS))
+    if key not in _per_step:
+        slug = "probe-" + str(len(_per_step))
+        short = _train(data, work / f"{slug}-a", PROBE_STEPS // 3, overrides)
+        long = _train(data, work / f"{slug}-b", PROBE_STEPS, overrides)
+        _per_step[key] = max((long - short) / (PROBE_STEPS - PROBE_STEPS // 3), 1e-4)
+    return _per_step[key]
+
+
 def run_variant(name: str, overrides: list[str], data: Path, work: Path, budget: float) -> dict:
-    slug = "".join(c if c.isalnum() else "_" for c in name)
-    # probe: a fixed start-up cost plus per-step cost; two lengths separate them
-    short = _train(data, work / f"{slug}-probe-a", PROBE_STEPS // 3, overrides)
-    long = _train(data, work / f"{slug}-probe-b", PROBE_STEPS, overrides)
-    per_step = max((long - short) / (PROBE_STEPS - PROBE_STEPS // 3), 1e-4)
-    steps = max(50, int(budget / per_step))
-    run = work / slug
-    wall = time.perf_counter()
-    cpu = _train(data, run, steps, overrides)
-    wall = time.perf_counter() - wall
-    # the run's config.yaml holds the variant's eval.* settings; eval reads its sampler and steps from there
-    _cli("eval", "--run", str(run), "--max-samples", "0", "--seed", "0")
-    report = json.loads(sorted((run / "eval").glob("*.json"))[-1].read_text())
+    steps = max(50, int(budget / _cost_per_step(overrides, data, work)))
+    # variants that differ only in eval.* share one trained run (training is the same computation)
+    train_key = tuple(o for o in overrides if not o.startswith("eval."))
+    if train_key not in _trained:
+        run = work / "".join(c if c.isalnum() else "_" for c in name)
+        wall = time.perf_counter()
+        cpu = _train(data, run, steps, list(train_key))
+        _trained[train_key] = (run, steps, cpu, time.perf_counter() - wall)
+    run, steps, cpu, wall = _trained[train_key]
+    args = ["eval", "--run", str(run), "--max-samples", "0", "--seed", "0", "--out", str(work / "eval" / run.name)]
+    for o in overrides:
+        if o.startswith("eval.sampler="):
+            args += ["--sampler", o.split("=", 1)[1]]
+        elif o.startswith("eval.steps="):
+            args += ["--steps", o.split("=", 1)[1]]
+    _cli(*args)
+    report = json.loads(max((work / "eval" / run.name).glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
     m = report["metrics"]
     return {"variant": name, "overrides": overrides, "steps": steps, "train_cpu_s": round(cpu, 1),
             "train_wall_s": round(wall, 1), "patch_cosine": m["patch_cosine"]["model"],
