@@ -65,6 +65,7 @@ def test_convert_both_formats_and_directions(tmp_path, tokens, task):
     assert ds.split_samples("train") == 8 and ds.split_samples("eval") == 4
     assert [s.samples for s in ds.shards("train")] == [5, 3]
     assert ds.manifest["streams"]["cond"]["name"] == ("eva_clip" if task == "eva_to_clip" else "clip")
+    _assert_train_stats(ds)
     cond_key, target_key = (("eva_blip3o_embeddings", "clip_blip3o_embeddings") if task == "eva_to_clip"
                             else ("clip_blip3o_embeddings", "eva_blip3o_embeddings"))
     for split, shards in (("train", (0, 1)), ("eval", (2,))):
@@ -105,3 +106,15 @@ def test_convert_embeds_captions_with_a_clip_model(tmp_path):
     batch = next(iter(EvalLoader(ds, "train", 8)))
     assert batch["text"].shape == (4, 1, 16) and batch["text_mask"].all()
     assert np.isfinite(batch["text"].float().numpy()).all() and batch["text"].float().norm(dim=-1).min() > 0
+
+
+def _assert_train_stats(ds) -> None:
+    """stats.safetensors: accumulated while writing, equal to a reading pass over the train split only."""
+    from blip3o_fast.data import read_stats
+    from blip3o_fast.data.stats import compute_stats
+
+    assert ds.manifest["stats"] == "stats.safetensors"
+    written, read = read_stats(ds.path), compute_stats(ds, "train", progress=False)
+    assert written.samples == read.samples == ds.split_samples("train")
+    for name, value in written.tensors().items():
+        torch.testing.assert_close(value, read.tensors()[name], rtol=1e-9, atol=1e-9)
