@@ -78,3 +78,22 @@ def test_a_mode_without_statistics_is_one_line(outlier_data, tmp_path):
     result = run_train(copy, tmp_path / "run", 2, *NORM, check=False)
     assert result.returncode == 2
     assert "flow.target_norm=channel needs the dataset's statistics" in result.stderr.strip().splitlines()[-1]
+
+
+def test_eval_on_other_data_keeps_the_training_normalisation(outlier_data, normalised_run, tmp_path):
+    """`eval --run --data OTHER`: the model's normalisation is its training data's, not OTHER's statistics."""
+    import shutil
+
+    from blip3o_fast.data import read_stats, save_stats
+
+    other = tmp_path / "other-data"
+    shutil.copytree(outlier_data, other)
+    stats = read_stats(other)
+    save_stats(other, type(stats)(stats.cond_mean + 5, stats.cond_std * 3, stats.target_mean - 5,
+                                  stats.target_std * 3, stats.samples))
+    reports = {}
+    for name, data in (("same", outlier_data), ("other", other)):
+        out = tmp_path / f"report-{name}"
+        cli("eval", "--run", str(normalised_run), "--data", str(data), "--steps", "2", "--out", str(out))
+        reports[name] = json.loads(next(out.glob("*.json")).read_text())["metrics"]
+    assert reports["same"] == reports["other"]
