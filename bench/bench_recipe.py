@@ -43,6 +43,7 @@ VARIANTS = {
     "timesteps=uniform": BASELINE + ["flow.timestep_sampling=uniform"],
     "sampler=heun, 10 steps": BASELINE + ["eval.sampler=heun", "eval.steps=10"],
     "contrastive_weight=0.1": BASELINE + ["flow.contrastive_weight=0.1"],
+    "contrastive_weight=0.3": BASELINE + ["flow.contrastive_weight=0.3"],
     "wider (hidden 192, depth 3)": BASELINE + ["model.hidden_size=192", "model.depth=3", "model.num_heads=4"],
     "recipe (demo.yaml)": [],
 }
