@@ -78,6 +78,9 @@ def test_a_mode_without_statistics_is_one_line(outlier_data, tmp_path):
     result = run_train(copy, tmp_path / "run", 2, *NORM, check=False)
     assert result.returncode == 2
     assert "flow.target_norm=channel needs the dataset's statistics" in result.stderr.strip().splitlines()[-1]
+    # a damaged statistics file does not matter to a run that does not normalise: it is not read
+    (copy / "stats.safetensors").write_bytes(b"not safetensors")
+    run_train(copy, tmp_path / "plain", 2)
 
 
 def test_eval_on_other_data_keeps_the_training_normalisation(outlier_data, normalised_run, tmp_path):

@@ -102,10 +102,11 @@ def _training_norm(cfg, config_file: Path):
     dataset (docs/architecture.md §3.1.1)."""
     from ..config import load_config
     from ..data import read_stats
-    from ..model.normalize import FlowNorm
+    from ..model.normalize import FlowNorm, needs_stats
 
     trained_on = Path(load_config(config_file).data.path)
-    stats = read_stats(trained_on, cfg.task.cond_dim, cfg.task.target_dim) if trained_on.is_dir() else None
+    stats = (read_stats(trained_on, cfg.task.cond_dim, cfg.task.target_dim)
+             if trained_on.is_dir() and needs_stats(cfg.flow) else None)
     return FlowNorm(cfg.flow, stats.tensors() if stats is not None else None)
 
 

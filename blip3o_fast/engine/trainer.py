@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..model import DiT
 from ..model.flow import training_loss
 from ..model.head import GlobalHead
-from ..model.normalize import FlowNorm
+from ..model.normalize import FlowNorm, needs_stats
 from ..ops import check_device
 from ..runtime import distributed
 from ..runtime.checkpoint import Checkpointer
@@ -70,7 +70,8 @@ class Trainer:
             self.dist.world_size, cfg.data.num_workers, cfg.data.shuffle_buffer,
             pin_memory=cfg.data.pin_memory and self.device.type == "cuda")
         self.head = self._contrastive_head() if cfg.flow.contrastive_weight > 0 else None
-        stats = data.read_stats(self.dataset.path, self.dataset.cond_dim, self.dataset.target_dim)
+        stats = (data.read_stats(self.dataset.path, self.dataset.cond_dim, self.dataset.target_dim)
+                 if needs_stats(cfg.flow) else None)
         self.norm = FlowNorm(cfg.flow, stats.tensors() if stats else None).to(self.device)  # §3.1.1
 
         if cfg.model.fused_ops:

@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..model import DiT
 from ..model.flow import sample
 from ..model.head import GlobalHead, global_embedding
-from ..model.normalize import FlowNorm
+from ..model.normalize import FlowNorm, needs_stats
 from ..runtime import distributed
 
 RECALL_KS = (1, 5, 10)
@@ -132,7 +132,7 @@ def evaluate(model, dataset: Dataset, cfg, dist_info: distributed.Dist, split: s
     has_text = getattr(dataset, "text_dim", None) is not None
     patches = slice(1, None) if task.target_cls else slice(None)
     if norm is None:
-        stats = read_stats(dataset.path, dataset.cond_dim, dataset.target_dim)
+        stats = read_stats(dataset.path, dataset.cond_dim, dataset.target_dim) if needs_stats(cfg.flow) else None
         norm = FlowNorm(cfg.flow, stats.tensors() if stats else None)
     norm = norm.to(device)
 

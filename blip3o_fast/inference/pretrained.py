@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..model import DiT
 from ..model.flow import sample
 from ..model.head import GlobalHead, global_embedding
-from ..model.normalize import FlowNorm
+from ..model.normalize import FlowNorm, needs_stats
 from ..runtime.checkpoint import MARKER, Checkpointer
 from ..runtime.distributed import derived_seed
 from .export import CONFIG_FILE, EVAL_FILE, EXPORT_FORMAT, LOSS_FILE, MODEL_FILE, write_export
@@ -128,7 +128,8 @@ def resolve(path: str | Path, weights: str | None) -> tuple[RunConfig, dict, Hea
         state = _raw_weights(checkpoint, cfg)
     data = Path(cfg.data.path)
     head = read_head(data, cfg.task.target_dim) if data.is_dir() else None
-    stats = read_stats(data, cfg.task.cond_dim, cfg.task.target_dim) if data.is_dir() else None
+    stats = (read_stats(data, cfg.task.cond_dim, cfg.task.target_dim)
+             if data.is_dir() and needs_stats(cfg.flow) else None)
     meta = json.loads((checkpoint / "meta.json").read_text()) if (checkpoint / "meta.json").is_file() else {}
     files = {}
     if run_dir is not None:
@@ -159,7 +160,8 @@ def _resolve_export(folder: Path, weights: str | None):
     prov.files = {name: folder / name for name in (EVAL_FILE, LOSS_FILE) if (folder / name).is_file()}
     state = read_safetensors(folder / MODEL_FILE, "the model weights")
     head = read_head(folder, cfg.task.target_dim)
-    return cfg, state, head, prov, read_stats(folder, cfg.task.cond_dim, cfg.task.target_dim)
+    stats = read_stats(folder, cfg.task.cond_dim, cfg.task.target_dim) if needs_stats(cfg.flow) else None
+    return cfg, state, head, prov, stats
 
 
 def _as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:

@@ -5,8 +5,9 @@ values tens of times larger than the rest), which makes the straight path from n
 conditioned (latent diffusion's scale factor, LightningDiT's latent normalisation). So the flow runs on
     x_norm = (x - mean) / std
 with per-channel (`channel`) or one scalar (`global`) mean and std of the train split (data/stats.py);
-`none` is the identity. Training normalises targets and conditions; sampling normalises the condition and
-de-normalises what it generates, so every caller sees features in the dataset's own units.
+`none` is the identity (and the statistics are not read). Training normalises targets and conditions;
+sampling normalises the condition and de-normalises what it generates, so every caller sees features in the
+dataset's own units.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def _affine(mean: Tensor, std: Tensor, mode: str) -> tuple[Tensor, Tensor]:
     shift = mean.mean()
     var = (std.square() + (mean - shift).square()).mean()
     return shift.expand_as(mean), var.sqrt().clamp_min(1e-12).expand_as(std)
+
+
+def needs_stats(flow_cfg) -> bool:
+    """Whether the flow config normalises anything (only then are the dataset's statistics read)."""
+    return flow_cfg.target_norm != "none" or flow_cfg.cond_norm != "none"
 
 
 class StreamNorm(nn.Module):
