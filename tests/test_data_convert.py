@@ -65,6 +65,7 @@ def test_convert_both_formats_and_directions(tmp_path, tokens, task):
     assert ds.split_samples("train") == 8 and ds.split_samples("eval") == 4
     assert [s.samples for s in ds.shards("train")] == [5, 3]
     assert ds.manifest["streams"]["cond"]["name"] == ("eva_clip" if task == "eva_to_clip" else "clip")
+    _assert_train_stats(ds)
     cond_key, target_key = (("eva_blip3o_embeddings", "clip_blip3o_embeddings") if task == "eva_to_clip"
                             else ("clip_blip3o_embeddings", "eva_blip3o_embeddings"))
     for split, shards in (("train", (0, 1)), ("eval", (2,))):
@@ -132,3 +133,15 @@ def test_eval_fraction_is_a_stable_hash_of_the_key_and_fits_the_readme_config(tm
     capsys.readouterr()
     assert main([*args, "--overwrite", "--eval-shards", "1", "--eval-fraction", "0.1"]) == 2
     assert "--eval-shards and --eval-fraction both choose the eval split" in capsys.readouterr().err
+
+
+def _assert_train_stats(ds) -> None:
+    """stats.safetensors: accumulated while writing, equal to a reading pass over the train split only."""
+    from blip3o_fast.data import read_stats
+    from blip3o_fast.data.stats import compute_stats
+
+    assert ds.manifest["stats"] == "stats.safetensors"
+    written, read = read_stats(ds.path), compute_stats(ds, "train", progress=False)
+    assert written.samples == read.samples == ds.split_samples("train")
+    for name, value in written.tensors().items():
+        torch.testing.assert_close(value, read.tensors()[name], rtol=1e-9, atol=1e-9)

@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 
 from blip3o_fast.cli import main
-from blip3o_fast.data import EvalLoader, open_dataset, read_head
+from blip3o_fast.data import EvalLoader, open_dataset, read_head, read_stats
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -114,6 +114,8 @@ def test_extract_end_to_end(models, tmp_path, capsys):
     assert (ds.cond_tokens, ds.cond_dim, ds.cond_cls, ds.text_dim) == (16, 48, False, 16)
     assert ds.split_samples("train") == 9 and "1 skipped" in capsys.readouterr().out
     assert ds.manifest["streams"]["cond"]["model"] == models["vit"]
+    stats = read_stats(tmp_path, ds.cond_dim, ds.target_dim)  # the train split's, from one reading pass
+    assert stats.samples == 9 and stats.target_std.shape == (32,) and bool((stats.cond_std > 0).all())
     clip = CLIPModel.from_pretrained(models["clip"]).eval()
     head = read_head(tmp_path).tensors
     assert torch.equal(head["visual_projection.weight"], clip.visual_projection.weight.detach())

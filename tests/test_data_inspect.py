@@ -29,3 +29,18 @@ def test_inspect_reports_and_verifies(tmp_path, capsys):
     assert 2.0 < norms["cond patch"]["mean"] < 5.0  # 12 unit normals: about sqrt(12)
 
     assert main(["data", "inspect", str(tmp_path / "nothing")]) == 2
+
+
+def test_inspect_shows_the_channel_spread_of_the_statistics(tmp_path, capsys):
+    from blip3o_fast.data.synth import SynthSpec, write_synth
+
+    write_synth(tmp_path, SynthSpec(train_samples=32, eval_samples=8, shard_size=16, outlier_channels=2),
+                progress=False)
+    assert main(["data", "inspect", str(tmp_path), "--quiet", "--json", "--samples", "4"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["split"] == "train" and stats["samples"] == 32
+    for stream in ("cond", "target"):  # two outlier channels: the largest std is far above the median
+        assert stats[stream]["std_max"] > 8 * stats[stream]["std_median"]
+    (tmp_path / "stats.safetensors").unlink()
+    assert main(["data", "inspect", str(tmp_path), "--quiet", "--no-verify", "--samples", "0"]) == 0
+    assert "stats    none (flow.target_norm needs them: blip3o-fast data stats DATASET)" in capsys.readouterr().out

@@ -19,6 +19,7 @@ def run_synth(args) -> int:
     spec = SynthSpec(seed=args.seed, train_samples=args.train_samples, eval_samples=args.eval_samples,
                      shard_size=args.shard_size, cond_cls=args.cond_cls, captions=tuple(args.captions),
                      latent_dim=args.latent_dim, noise=args.noise, caption_noise=args.caption_noise, task=args.task,
+                     outlier_channels=args.outlier_channels, outlier_scale=args.outlier_scale,
                      grid=tuple(preset["grid"]), cond_dim=preset["cond_dim"], target_dim=preset["target_dim"],
                      text_dim=preset["text_dim"], target_cls=preset["target_cls"])
     summary = write_synth(args.out, spec, overwrite=args.overwrite, progress=not args.quiet)
@@ -42,6 +43,20 @@ def run_convert(args) -> int:
     for split, s in summary["splits"].items():
         print(f"{split:6s} {s['samples']:7d} samples in {s['shards']} shards, {s['skipped']} skipped")
     print(f"wrote {args.out}")
+    return 0
+
+
+def run_stats(args) -> int:
+    from ..data import open_dataset
+    from ..data.stats import write_dataset_stats
+
+    dataset = open_dataset(args.path)
+    stats = write_dataset_stats(dataset, args.split, progress=not args.quiet)
+    for name, mean, std in (("cond", stats.cond_mean, stats.cond_std), ("target", stats.target_mean, stats.target_std)):
+        if mean is not None:
+            print(f"{name:6s} {mean.numel()} channels: |mean| max {mean.abs().max():.4g}, std min {std.min():.4g} "
+                  f"median {std.median():.4g} max {std.max():.4g}")
+    print(f"{stats.samples} samples of split {args.split!r}; wrote {dataset.path / 'stats.safetensors'}")
     return 0
 
 
@@ -115,6 +130,10 @@ def add_commands(sub) -> None:
     p.add_argument("--noise", type=float, default=0.02, help="std of the noise added to every token")
     p.add_argument("--caption-noise", type=float, default=0.25,
                    help="noise of caption embeddings around the global embedding (lower: easier retrieval)")
+    p.add_argument("--outlier-channels", type=int, default=0,
+                   help="this many channels of each stream scaled and shifted by up to --outlier-scale, as CLIP's "
+                        "few huge channels (what flow.target_norm=channel is for)")
+    p.add_argument("--outlier-scale", type=float, default=30.0, help="largest gain of an outlier channel")
     p.add_argument("--task", choices=TASKS, default="eva_to_clip", help="task name recorded in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -144,6 +163,15 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_convert)
+
+    p = dsub.add_parser("stats", help="per-channel mean/std of a split into stats.safetensors (flow.target_norm)",
+                        description="Reads every sample of the split once and writes the per-channel mean and std "
+                                    "of the condition and target tokens to DATASET/stats.safetensors, named in the "
+                                    "manifest. synth, convert-chunks and extract write it themselves.")
+    p.add_argument("path", help="dataset folder")
+    p.add_argument("--split", default="train", help="split the statistics come from (keep the held-out split out)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_stats)
 
     p = dsub.add_parser("inspect", help="manifest summary, checksums and token-norm statistics of a dataset")
     p.add_argument("path", help="dataset folder")

@@ -40,7 +40,8 @@ def run_model(args) -> int:
     check_compatible(dataset, cfg.task)
     max_samples = cfg.eval.max_samples if args.max_samples is None else args.max_samples
     report = evaluate(gen.model, dataset, cfg, dist_info, split=args.split, max_samples=max_samples,
-                      steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed)
+                      steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed,
+                      norm=gen.norm)
     report["model"] = str(args.model)
     if dist_info.is_main:
         name = f"model-{report['sampler']}{report['steps']}"
@@ -95,7 +96,8 @@ def run(args) -> int:
     model = build_eval_model(cfg, weights, dist_info.device)
     max_samples = cfg.eval.max_samples if args.max_samples is None else args.max_samples
     report = evaluate(model, dataset, cfg, dist_info, split=args.split, max_samples=max_samples,
-                      steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed)
+                      steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed,
+                      norm=_training_norm(cfg, config_file) if args.data else None)
     report["checkpoint"] = str(checkpoint)
     if dist_info.is_main:
         name = f"{checkpoint.name}-{report['sampler']}{report['steps']}"
@@ -105,6 +107,19 @@ def run(args) -> int:
         print(format_report(report))
         print(f"report: {json_path}")
     return 0
+
+
+def _training_norm(cfg, config_file: Path):
+    """The normalisation the run was trained with: its own dataset's statistics, also when --data evaluates another
+    dataset (docs/architecture.md §3.1.1)."""
+    from ..config import load_config
+    from ..data import read_stats
+    from ..model.normalize import FlowNorm, needs_stats
+
+    trained_on = Path(load_config(config_file).data.path)
+    stats = (read_stats(trained_on, cfg.task.cond_dim, cfg.task.target_dim)
+             if trained_on.is_dir() and needs_stats(cfg.flow) else None)
+    return FlowNorm(cfg.flow, stats.tensors() if stats is not None else None)
 
 
 def add_commands(sub) -> None:

@@ -25,6 +25,7 @@ def _require(ok: bool, message: str) -> None:
 # the choice lists, one home each: the CLI's choices and the model's dispatch read them from here
 TASKS = ("eva_to_clip", "clip_to_eva")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "math")
+NORM_MODES = ("channel", "global", "none")
 
 
 def _one_of(value: Any, allowed: tuple, key: str) -> None:
@@ -149,10 +150,17 @@ class FlowConfig:
     """temperature of that InfoNCE term"""
     head: str = "cls"
     """global embedding for retrieval: cls (CLS token through the head) or mean (patch mean through it)"""
+    target_norm: str = "none"
+    """the flow runs on (target - mean) / std with the dataset's train-split statistics (stats.safetensors):
+    channel (per channel), global (one scalar pair) or none; sampling de-normalises"""
+    cond_norm: str = "none"
+    """the same for the condition tokens the model reads: channel, global or none"""
 
     def __post_init__(self):
         _one_of(self.timestep_sampling, ("uniform", "logit_normal", "beta"), "flow.timestep_sampling")
         _one_of(self.head, ("cls", "mean"), "flow.head")
+        _one_of(self.target_norm, NORM_MODES, "flow.target_norm")
+        _one_of(self.cond_norm, NORM_MODES, "flow.cond_norm")
         _require(self.logit_std > 0 and self.beta_a > 0 and self.beta_b > 0,
                  "flow.logit_std, flow.beta_a and flow.beta_b must be positive")
         _require(self.contrastive_weight >= 0 and self.contrastive_temperature > 0,

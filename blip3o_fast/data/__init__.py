@@ -16,6 +16,7 @@ Batches are dicts: `cond` float16 [B, Nc, Dc], `target` float16 [B, Nt, Dt], `ke
 from .format import (
                      FORMAT_VERSION,
                      HEAD_FILE,
+                     STATS_FILE,
                      DataError,
                      Dataset,
                      ShardInfo,
@@ -26,8 +27,10 @@ from .format import (
 )
 from .head import HeadWeights, read_head, save_head
 from .reader import EvalLoader, TrainLoader
+from .stats import DatasetStats, read_stats, save_stats
 
 __all__ = [
-    "FORMAT_VERSION", "HEAD_FILE", "DataError", "Dataset", "ShardInfo", "StreamSpec", "TextSpec", "check_compatible",
+    "FORMAT_VERSION", "HEAD_FILE", "STATS_FILE", "DatasetStats", "read_stats", "save_stats",
+    "DataError", "Dataset", "ShardInfo", "StreamSpec", "TextSpec", "check_compatible",
     "open_dataset", "HeadWeights", "read_head", "save_head", "EvalLoader", "TrainLoader",
 ]

@@ -159,7 +159,8 @@ def convert_chunks(src, out, trust_pickle: bool = False, task: str = "eva_to_cli
         encoder.save_head(out)
     save_manifest(out, task, grid, some.cond, some.target, some.text, records,
                   created_by={"command": "blip3o-fast data convert-chunks", "src": str(src),
-                              "prior_format": prior.get("format_version")})
+                              "prior_format": prior.get("format_version")},
+                  stats=writers["train"].channel_stats() if "train" in writers else None)
     return {"splits": {split: {"samples": w.stats.samples, "shards": len(records[split]),
                                "skipped": w.stats.skipped_samples} for split, w in writers.items()}}
 

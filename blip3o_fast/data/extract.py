@@ -37,10 +37,11 @@ from transformers.utils import logging as hf_logging
 from ..errors import UserError
 from ..runtime.files import atomic_write_text
 from .encoders import VisionEncoder, load_clip_text, save_clip_head
-from .format import MANIFEST, DataError, StreamSpec, TextSpec, parse_manifest, stream_names
+from .format import MANIFEST, DataError, StreamSpec, TextSpec, open_dataset, parse_manifest, stream_names
 from .images import ImageShard, collate_images, expand_images, source_name
 from .samples import SkipStats
 from .split import check_fraction, held_out
+from .stats import write_dataset_stats
 from .writer import ShardSetWriter, save_manifest
 
 DONE_DIR = ".extract"
@@ -314,6 +315,8 @@ def _write_manifest(opt: ExtractOptions, plan: Plan, urls: list[str], out: Path,
     save_manifest(out, opt.task, plan.grid, plan.cond_spec, plan.target_spec, plan.text_spec, splits,
                   created_by={"command": "blip3o-fast extract", "images": opt.images, "target_model": opt.target_model,
                               "cond_model": opt.cond_model, "dtype": str(dtype).replace("torch.", "")}, merge=True)
+    if opt.split == "train":  # the shards came from several ranks and runs: one reading pass gives the statistics
+        write_dataset_stats(open_dataset(out), "train", progress=opt.progress)
     if total.skipped_samples:
         print(f"extract: {total.summary()}; e.g. {'; '.join(list(total.examples)[:3])}")
     counts = {split: sum(s["samples"] for r in ours for s in r["splits"].get(split, [])) for split in splits}

@@ -21,6 +21,7 @@ from ..runtime.files import atomic_write_text
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 HEAD_FILE = "head.safetensors"
+STATS_FILE = "stats.safetensors"  # per-channel mean/std of the train split (data/stats.py)
 DTYPES = ("float16", "float32")
 # member extensions of one sample in a shard
 COND, TARGET, TEXT, META = "cond.npy", "target.npy", "text.npy", "json"

@@ -8,6 +8,7 @@ import numpy as np
 
 from .format import open_dataset
 from .reader import EvalLoader
+from .stats import read_stats
 from .writer import sha256_file
 
 
@@ -55,6 +56,18 @@ def token_norms(dataset, split: str, samples: int) -> dict:
     return out
 
 
+def channel_spread(ds) -> dict | None:
+    """From stats.safetensors: how uneven the channels are (largest std / median std): CLIP's outliers show here."""
+    stats = read_stats(ds.path, ds.cond_dim, ds.target_dim)
+    if stats is None:
+        return None
+    out = {"split": stats.split, "samples": stats.samples}
+    for name, std in (("cond", stats.cond_std), ("target", stats.target_std)):
+        if std is not None:
+            out[name] = {"std_min": float(std.min()), "std_median": float(std.median()), "std_max": float(std.max())}
+    return out
+
+
 def inspect_dataset(path, verify: bool = True, samples: int = 256, as_json: bool = False,
                     progress: bool = True) -> int:
     """Prints the report; returns 1 when a shard is missing or damaged, else 0."""
@@ -64,6 +77,7 @@ def inspect_dataset(path, verify: bool = True, samples: int = 256, as_json: bool
         "streams": {"cond": ds.cond.to_dict(), "target": ds.target.to_dict() if ds.target else None},
         "text": ds.text.to_dict() if ds.text else None,
         "head": str(ds.head_path.name) if ds.head_path else None,
+        "stats": channel_spread(ds),
         "splits": {}, "problems": verify_shards(ds, progress) if verify else None,
     }
     for name in ds.split_names():
@@ -91,6 +105,13 @@ def _print(r: dict) -> None:
         t = r["text"]
         per = t["captions_per_sample"] or f"up to {t['max_captions']}"
         print(f"text     [{per} captions, {t['dim']}] ({t['model']})")
+    st = r["stats"]
+    if st is None:
+        print("stats    none (flow.target_norm needs them: blip3o-fast data stats DATASET)")
+    else:
+        spread = "; ".join(f"{k} channel std {v['std_min']:.3g} / {v['std_median']:.3g} / {v['std_max']:.3g}"
+                           for k, v in st.items() if isinstance(v, dict))
+        print(f"stats    {st['split']} split, {st['samples']} samples; {spread} (min / median / max)")
     for name, s in r["splits"].items():
         print(f"split    {name}: {s['samples']} samples in {s['shards']} shards, {s['bytes'] / 1e6:.1f} MB")
         norms = s["norms"]

@@ -58,6 +58,8 @@ class SynthSpec:
     hidden: int = 96
     noise: float = 0.02
     caption_noise: float = 0.25
+    outlier_channels: int = 0
+    outlier_scale: float = 30.0
     task: str = "eva_to_clip"
     splits: dict = field(default_factory=lambda: {"train": 0, "eval": 1})
 
@@ -72,6 +74,8 @@ class SynthSpec:
              "dims must be >= 1"),
             (1 <= self.captions[0] <= self.captions[1], "--captions MIN MAX needs 1 <= MIN <= MAX"),
             (self.noise >= 0 and self.caption_noise >= 0, "noise levels must be >= 0"),
+            (0 <= self.outlier_channels <= min(self.cond_dim, self.target_dim) and self.outlier_scale > 0,
+             "--outlier-channels must be in [0, min(cond dim, target dim)] and --outlier-scale > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -107,6 +111,13 @@ class SynthWorld:
         self.scale = {"cond": 1.0, "target": 1.0, "cls": 1.0}
         cond, target, _ = self._raw(calib[:16])
         self.scale = {"cond": 1 / _rms(cond), "target": 1 / _rms(target), "cls": 1 / _rms(self._cls(calib))}
+        # CLIP-like outlier channels: a few channels of each stream scaled up and shifted, tens of times the rest
+        out = np.random.default_rng([spec.seed, 0, 2])
+        self.outliers = {}
+        for name, dim in (("cond", spec.cond_dim), ("target", spec.target_dim)):
+            idx = np.sort(out.choice(dim, size=spec.outlier_channels, replace=False))
+            gain = spec.outlier_scale * out.uniform(0.5, 1.0, size=len(idx))
+            self.outliers[name] = (idx, gain, gain * out.uniform(-1.0, 1.0, size=len(idx)))
 
     def _positions(self) -> np.ndarray:
         """[gh*gw, 16] sinusoidal code of (row, col) at 4 frequencies, row-major like the patch tokens."""
@@ -128,6 +139,12 @@ class SynthWorld:
         target = (np.tanh(zt) * np.tanh(zg)) @ self.t2.T * self.scale["target"]
         return cond, target, self._cls(z)
 
+    def _outlier(self, x: np.ndarray, stream: str) -> np.ndarray:
+        idx, gain, shift = self.outliers[stream]
+        x = x.copy()
+        x[..., idx] = x[..., idx] * gain + shift
+        return x
+
     def global_embedding(self, cls: np.ndarray) -> np.ndarray:
         """visual_projection(post_layernorm(cls)), as CLIP computes its image embedding (float64)."""
         mu = cls.mean(-1, keepdims=True)
@@ -143,6 +160,9 @@ class SynthWorld:
         cond = cond + spec.noise * rng.standard_normal(cond.shape)
         target = target + spec.noise * rng.standard_normal(target.shape)
         cls = cls + spec.noise * rng.standard_normal(cls.shape)
+        if spec.outlier_channels:
+            cond, target = self._outlier(cond, "cond"), self._outlier(target, "target")
+            cls = self._outlier(cls, "target")
         if spec.target_cls:
             target = np.concatenate([cls[:, None, :], target], axis=1)
         if spec.cond_cls:  # a CLS-like summary of the condition: the mean of its patches
@@ -183,7 +203,7 @@ def write_synth(out: str | Path, spec: SynthSpec, overwrite: bool = False, progr
     per = spec.captions[0] if spec.captions[0] == spec.captions[1] else None
     text = TextSpec(spec.text_dim, spec.captions[1], per, model)
     save_head(folder, world.ln_weight, world.ln_bias, world.projection, 1e-5)
-    records, summary = {}, {"splits": {}}
+    records, summary, stats = {}, {"splits": {}}, None
     counts = {"train": spec.train_samples, "eval": spec.eval_samples}
     bar = tqdm(total=sum(counts.values()), unit="sample", desc="data synth", disable=not progress)
     for split, total in counts.items():
@@ -203,12 +223,14 @@ def write_synth(out: str | Path, spec: SynthSpec, overwrite: bool = False, progr
                 oracle_text.extend(t.astype(np.float16).astype(np.float64) for t in chunk["text"])
                 bar.update(n)
         records[split] = writer.records
+        if split == "train" and total:  # the normalisation statistics come from the train split only
+            stats = writer.channel_stats(split)
         if total:
             summary["splits"][split] = {"samples": writer.stats.samples, "shards": len(writer.records),
                                         "oracle_recall_at_1": recall_at_1(np.concatenate(oracle_image), oracle_text)}
     bar.close()
     args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items() if k != "splits"}
     save_manifest(folder, spec.task, spec.grid, cond, target, text, records,
-                  created_by={"command": "blip3o-fast data synth", "args": args})
+                  created_by={"command": "blip3o-fast data synth", "args": args}, stats=stats)
     summary["chance_recall_at_1"] = 1.0 / max(spec.eval_samples, 1)
     return summary

@@ -22,6 +22,7 @@ from .format import (
     HEAD_FILE,
     MANIFEST,
     META,
+    STATS_FILE,
     TARGET,
     TEXT,
     DataError,
@@ -32,6 +33,7 @@ from .format import (
     write_manifest,
 )
 from .samples import SkipStats
+from .stats import ChannelStats, DatasetStats, save_stats
 from .tario import all_finite
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
@@ -78,6 +80,8 @@ class ShardSetWriter:
         self.cond, self.target, self.text = cond, target, text
         self.records: list[dict] = []
         self.stats = SkipStats()
+        # per-channel statistics of what is written (the float16 values), for stats.safetensors
+        self.channels = (ChannelStats(cond.dim), ChannelStats(target.dim) if target is not None else None)
         self._file: _HashingFile | None = None
         # mtime=0 makes shards byte-reproducible, so a rerun of a deterministic producer has the same sha256
         self._writer = wds.ShardWriter(str(self.folder / f"{prefix}-%06d.tar"), maxcount=shard_size,
@@ -131,6 +135,9 @@ class ShardSetWriter:
             return False
         self._writer.write(sample)
         self.stats.samples += 1
+        self.channels[0].add(sample[COND])
+        if self.channels[1] is not None:
+            self.channels[1].add(sample[TARGET])
         return True
 
     def close(self) -> list[dict]:
@@ -139,6 +146,10 @@ class ShardSetWriter:
             self._writer.close()
             self._writer = None
         return self.records
+
+    def channel_stats(self, split: str = "train") -> DatasetStats:
+        """The per-channel statistics of every sample written so far."""
+        return DatasetStats.from_accumulators(*self.channels, self.stats.samples, split)
 
     def __enter__(self):
         return self
@@ -159,7 +170,7 @@ def prepare_output(folder: str | Path, overwrite: bool) -> Path:
             files = [s["file"] for split in old.get("splits", {}).values() for s in split.get("shards", [])]
         except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
             files = []
-        for name in files + [HEAD_FILE, MANIFEST]:
+        for name in files + [HEAD_FILE, STATS_FILE, MANIFEST]:
             if "/" not in name:
                 (folder / name).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,11 +179,17 @@ def prepare_output(folder: str | Path, overwrite: bool) -> Path:
 
 def save_manifest(folder: str | Path, task: str, grid, cond: StreamSpec, target: StreamSpec | None,
                   text: TextSpec | None,
-                  splits: dict[str, list[dict]], created_by: dict | None = None, merge: bool = False) -> dict:
-    """Writes manifest.json; with merge=True, keeps the other splits of an existing one with the same streams."""
+                  splits: dict[str, list[dict]], created_by: dict | None = None, merge: bool = False,
+                  stats: DatasetStats | None = None) -> dict:
+    """Writes manifest.json (and `stats` as stats.safetensors, named in it); with merge=True, keeps the other
+    splits of an existing one with the same streams."""
     folder = Path(folder)
     head = (folder / HEAD_FILE).is_file()
     manifest = build_manifest(task, grid, cond, target, text, splits, head, created_by)
+    if stats is not None:
+        save_stats(folder, stats)
+    if (folder / STATS_FILE).is_file():
+        manifest["stats"] = STATS_FILE
     path = folder / MANIFEST
     if merge and path.is_file():
         old = json.loads(path.read_text())

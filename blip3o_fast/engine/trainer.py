@@ -36,6 +36,7 @@ from ..errors import UserError
 from ..model import DiT
 from ..model.flow import training_loss
 from ..model.head import GlobalHead
+from ..model.normalize import FlowNorm, needs_stats
 from ..ops import check_device
 from ..runtime import distributed, exit_codes
 from ..runtime.checkpoint import Checkpointer, check_same_experiment
@@ -81,6 +82,9 @@ class Trainer:
             self.dist.world_size, cfg.data.num_workers, cfg.data.shuffle_buffer,
             pin_memory=cfg.data.pin_memory and self.device.type == "cuda")
         self.head = self._contrastive_head() if cfg.flow.contrastive_weight > 0 else None
+        stats = (data.read_stats(self.dataset.path, self.dataset.cond_dim, self.dataset.target_dim)
+                 if needs_stats(cfg.flow) else None)
+        self.norm = FlowNorm(cfg.flow, stats.tensors() if stats else None).to(self.device)  # §3.1.1
 
         if cfg.model.fused_ops:
             check_device(self.device)
@@ -146,11 +150,11 @@ class Trainer:
         for micro in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
-            target = batch["target"].to(self.device, non_blocking=True)
-            cond = batch["cond"].to(self.device, self.dtype, non_blocking=True)
+            target, cond = self._inputs(batch)
             data_wait += time.perf_counter() - t0
             g = distributed.generator(self.device, cfg.train.seed, self.step, self.dist.rank, micro)
-            loss, metrics = training_loss(self.model_engine.engine, target, cond, cfg.flow, g, head=self.head)
+            loss, metrics = training_loss(self.model_engine.engine, target, cond, cfg.flow, g, head=self.head,
+                                          denormalize=self.norm.target.inverse)
             if self.step in self.fault_steps and self.is_main:
                 loss = loss * float("nan")
             # a non-finite loss still backpropagates: its NaN gradients make every rank skip the step
@@ -171,6 +175,15 @@ class Trainer:
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         return record
+
+    def _inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch on the device, normalised (§3.1.1): the target in float32 or float16, the cond in the compute
+        dtype. Normalised in float32: a cast back to float16 would round the normalised values again."""
+        target = batch["target"].to(self.device, non_blocking=True)
+        cond = batch["cond"].to(self.device, non_blocking=True)
+        if self.norm.active:
+            target, cond = self.norm.target(target.float()), self.norm.cond(cond.float())
+        return target, cond.to(self.dtype)
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -25,11 +25,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data import Dataset, EvalLoader, read_head
+from ..data import Dataset, EvalLoader, read_head, read_stats
 from ..errors import UserError
 from ..model import DiT
 from ..model.flow import sample
 from ..model.head import GlobalHead, global_embedding
+from ..model.normalize import FlowNorm, needs_stats
 from ..runtime import distributed
 
 RECALL_KS = (1, 5, 10)
@@ -111,8 +112,9 @@ class _Collected:
 @torch.no_grad()
 def evaluate(model, dataset: Dataset, cfg, dist_info: distributed.Dist, split: str | None = None, max_samples: int = 0,
              steps: int | None = None, sampler: str | None = None, guidance_scale: float | None = None,
-             seed: int = 0, progress: bool = True) -> dict:
-    """Samples the split's targets with `model` and returns the report (the same on every rank)."""
+             seed: int = 0, progress: bool = True, norm: FlowNorm | None = None) -> dict:
+    """Samples the split's targets with `model` and returns the report (the same on every rank). `norm`: the
+    model's normalisation (§3.1.1); default: cfg.flow's modes with the dataset's statistics."""
     if not dataset.has_targets:
         raise UserError(f"{dataset.path} holds conditions only (no targets to compare with): evaluate on a dataset "
                         f"with targets")
@@ -129,6 +131,10 @@ def evaluate(model, dataset: Dataset, cfg, dist_info: distributed.Dist, split: s
         mode = "mean"
     has_text = getattr(dataset, "text_dim", None) is not None
     patches = slice(1, None) if task.target_cls else slice(None)
+    if norm is None:
+        stats = read_stats(dataset.path, dataset.cond_dim, dataset.target_dim) if needs_stats(cfg.flow) else None
+        norm = FlowNorm(cfg.flow, stats.tensors() if stats else None)
+    norm = norm.to(device)
 
     def embed(tokens):
         return global_embedding(tokens.to(dtype if head is None else torch.float32), head, mode, task.target_cls)
@@ -147,7 +153,7 @@ def evaluate(model, dataset: Dataset, cfg, dist_info: distributed.Dist, split: s
     model.eval()
     for batch_index, batch in enumerate(loader):
         target = batch["target"].to(device, torch.float32)
-        cond = batch["cond"].to(device, dtype)
+        cond = norm.cond(batch["cond"].to(device, torch.float32)).to(dtype)
         if budget is not None:
             if seen >= budget:
                 break
@@ -156,7 +162,8 @@ def evaluate(model, dataset: Dataset, cfg, dist_info: distributed.Dist, split: s
             batch = {k: (v[:keep] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
         g = distributed.generator(device, seed, dist_info.rank, batch_index)
         pred = sample(model, cond, steps, sampler, cfg.eval.timestep_shift, guidance_scale, generator=g).float()
-        noise = torch.randn(pred.shape, generator=g, device=device)
+        pred = norm.target.inverse(pred)  # compared in the data's units
+        noise = norm.target.inverse(torch.randn(pred.shape, generator=g, device=device))  # the sampler's start
         collected.add(
             patch_cos=_token_cos(pred[:, patches], target[:, patches]),
             chance_patch_cos=_token_cos(noise[:, patches], target[:, patches]),

@@ -4,6 +4,7 @@
     config.json         {format, format_version, task, model, flow, eval, training, parameters}: enough to
                         rebuild the DiT without blip3o-fast's YAML
     head.safetensors    the target encoder's global head, when the training data had one (data/head.py)
+    stats.safetensors   the training data's per-channel statistics, when the model normalises (data/stats.py)
     eval.json           the run's newest evaluation report, when it has one
     loss.png            the run's loss curve, when it has one
     README.md           the model card
@@ -18,7 +19,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ..config.schema import plain
-from ..data import save_head
+from ..data import save_head, save_stats
 from ..errors import UserError
 from ..runtime.files import atomic_write_text, commit, partial_path
 
@@ -32,8 +33,9 @@ BASELINES = ("model", "oracle", "dataset_mean", "chance")
 def export_config(gen) -> dict:
     """`gen`: a FeatureGenerator (its config, provenance and parameter count)."""
     cfg = gen.cfg.to_dict()
+    flow = {k: cfg["flow"][k] for k in ("head", "target_norm", "cond_norm")}
     return {"format": "blip3o-fast", "format_version": EXPORT_FORMAT, "task": cfg["task"], "model": cfg["model"],
-            "flow": {"head": cfg["flow"]["head"]}, "eval": cfg["eval"], "training": gen.provenance.to_dict(),
+            "flow": flow, "eval": cfg["eval"], "training": gen.provenance.to_dict(),
             "parameters": gen.num_parameters()}
 
 
@@ -48,6 +50,8 @@ def write_export(gen, out: Path) -> Path:
         w = gen.head_weights
         save_head(out, *(w.tensors[k] for k in ("post_layernorm.weight", "post_layernorm.bias",
                                                  "visual_projection.weight")), layer_norm_eps=w.layer_norm_eps)
+    if gen.stats is not None and gen.norm.active:  # the model's normalisation travels with its weights (§3.1.1)
+        save_stats(out, gen.stats)
     for name, source in gen.provenance.files.items():
         if source.resolve() != (out / name).resolve():
             shutil.copyfile(source, out / name)

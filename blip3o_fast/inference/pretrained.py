@@ -25,11 +25,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..config import RunConfig, from_dict, load_config
-from ..data import HeadWeights, read_head
+from ..data import DatasetStats, HeadWeights, read_head, read_stats
 from ..errors import UserError
 from ..model import DiT
 from ..model.flow import sample
 from ..model.head import GlobalHead, global_embedding
+from ..model.normalize import FlowNorm, needs_stats
 from ..runtime.checkpoint import MARKER, Checkpointer
 from ..runtime.distributed import derived_seed
 from .export import CONFIG_FILE, EVAL_FILE, EXPORT_FORMAT, LOSS_FILE, MODEL_FILE, write_export
@@ -94,8 +95,9 @@ def _newest_eval(run_dir: Path) -> Path | None:
     return reports[-1] if reports else None
 
 
-def resolve(path: str | Path, weights: str | None) -> tuple[RunConfig, dict, HeadWeights | None, Provenance]:
-    """(config, float32 weights, head, provenance) of a run, checkpoint or export folder."""
+def resolve(path: str | Path, weights: str | None) -> tuple[RunConfig, dict, HeadWeights | None, Provenance,
+                                                           DatasetStats | None]:
+    """(config, float32 weights, head, provenance, normalisation statistics) of a run, checkpoint or export folder."""
     folder = Path(path).expanduser()
     if weights is not None and weights not in WEIGHTS:
         raise UserError(f"weights must be ema or raw, got {weights!r}")
@@ -126,6 +128,8 @@ def resolve(path: str | Path, weights: str | None) -> tuple[RunConfig, dict, Hea
         state = _raw_weights(checkpoint, cfg)
     data = Path(cfg.data.path)
     head = read_head(data, cfg.task.target_dim) if data.is_dir() else None
+    stats = (read_stats(data, cfg.task.cond_dim, cfg.task.target_dim)
+             if data.is_dir() and needs_stats(cfg.flow) else None)
     meta = json.loads((checkpoint / "meta.json").read_text()) if (checkpoint / "meta.json").is_file() else {}
     files = {}
     if run_dir is not None:
@@ -133,7 +137,7 @@ def resolve(path: str | Path, weights: str | None) -> tuple[RunConfig, dict, Hea
         files = {name: p for name, p in ((EVAL_FILE, newest), (LOSS_FILE, run_dir / LOSS_FILE))
                  if p is not None and p.is_file()}
     prov = Provenance(weights, meta.get("step"), str(data), _sha256(data / "manifest.json"), str(checkpoint), files)
-    return cfg, state, head, prov
+    return cfg, state, head, prov, stats
 
 
 def _resolve_export(folder: Path, weights: str | None):
@@ -156,7 +160,8 @@ def _resolve_export(folder: Path, weights: str | None):
     prov.files = {name: folder / name for name in (EVAL_FILE, LOSS_FILE) if (folder / name).is_file()}
     state = read_safetensors(folder / MODEL_FILE, "the model weights")
     head = read_head(folder, cfg.task.target_dim)
-    return cfg, state, head, prov
+    stats = read_stats(folder, cfg.task.cond_dim, cfg.task.target_dim) if needs_stats(cfg.flow) else None
+    return cfg, state, head, prov, stats
 
 
 def _as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
@@ -175,8 +180,11 @@ class FeatureGenerator:
     """A trained DiT ready to generate target tokens from condition tokens (docs/architecture.md §3.13)."""
 
     def __init__(self, cfg: RunConfig, state: dict[str, torch.Tensor], head: HeadWeights | None,
-                 provenance: Provenance, device: str | torch.device | None = None, dtype=None):
+                 provenance: Provenance, device: str | torch.device | None = None, dtype=None,
+                 stats: DatasetStats | None = None):
         self.cfg, self.state, self.head_weights, self.provenance = cfg, state, head, provenance
+        self.stats = stats  # the training data's statistics: the flow's normalisation (§3.1.1)
+        self.norm = FlowNorm(cfg.flow, stats.tensors() if stats is not None else None)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -198,8 +206,8 @@ class FeatureGenerator:
                         weights: str | None = None) -> FeatureGenerator:
         """Loads a run folder (its newest complete checkpoint), a checkpoint folder or an export folder. `weights`:
         ema (default for runs and checkpoints) or raw (DeepSpeed's module weights; ZeRO 0-2)."""
-        cfg, state, head, provenance = resolve(path, weights)
-        return cls(cfg, state, head, provenance, device, dtype)
+        cfg, state, head, provenance, stats = resolve(path, weights)
+        return cls(cfg, state, head, provenance, device, dtype, stats)
 
     @property
     def task(self):
@@ -238,9 +246,9 @@ class FeatureGenerator:
         for start in range(0, cond.shape[0], batch_size):
             chunk = seeds[start:start + batch_size]
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in chunk])
-            c = cond[start:start + batch_size].to(self.device, self.dtype)
+            c = self.norm.cond(cond[start:start + batch_size].to(self.device, torch.float32)).to(self.dtype)
             x = sample(self.model, c, steps, sampler, timestep_shift, guidance_scale, noise=noise.to(self.device))
-            out.append(x.float().cpu())
+            out.append(self.norm.target.inverse(x.float().cpu()))
         feats = torch.cat(out) if out else torch.zeros((0, *shape))
         return feats.numpy() if was_numpy else feats
 

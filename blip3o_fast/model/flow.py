@@ -105,11 +105,13 @@ def training_loss(
     generator: torch.Generator | None,
     weight: Tensor | None = None,
     head: GlobalHead | None = None,
+    denormalize=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The rectified-flow loss of one batch and its detached metrics (mse, velocity_cos[, contrastive]).
 
     Draws, in this order and only from `generator`: x0 ~ N(0, I), t, and the cond-drop mask (used in
     training mode only), so the trainer can replay a step exactly. x0 builds x_t AND the target u.
+    `denormalize` maps normalised targets back to the data's units for the head (§3.1.1).
     """
     dit = _core(model)
     task, dtype, device = dit.task, _dtype(dit), target.device
@@ -133,9 +135,10 @@ def training_loss(
 
     if cfg.contrastive_weight > 0:
         x1_hat = x_t + (1 - t).to(v.dtype)[:, None, None] * v  # the clean sample the velocity points at
-        pred = global_embedding(x1_hat, head, cfg.head, task.target_cls)
+        back = denormalize or (lambda x: x)
+        pred = global_embedding(back(x1_hat), head, cfg.head, task.target_cls)
         with torch.no_grad():
-            true = global_embedding(x1, head, cfg.head, task.target_cls)
+            true = global_embedding(back(x1), head, cfg.head, task.target_cls)
         contrastive = contrastive_loss(pred, true, cfg.contrastive_temperature)
         loss = loss + cfg.contrastive_weight * contrastive
         metrics["contrastive"] = contrastive.detach()

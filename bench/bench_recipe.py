@@ -1,0 +1,160 @@
+"""The demo recipe's ablation table: each change against the baseline, same data, same seed, same CPU-time budget.
+
+    .venv/bin/python bench/bench_recipe.py --budget 150 --out docs/recipe-table.md
+    .venv/bin/python bench/bench_recipe.py --only baseline recipe        # a subset
+
+Every variant is the shipped demo config (blip3o_fast/configs/demo.yaml) plus its overrides. Its step count is
+fitted to the budget: a 30-step probe measures the variant's CPU seconds per step (its own model size, batch and
+flow), then it trains `budget / (s/step)` steps from scratch (so its LR schedule ends where the budget does), and
+`blip3o-fast eval` scores the held-out split: patch cosine and Recall@1 beside the oracle's. CPU time is the
+training process's user + system time (resource.getrusage of the children), with one thread
+(OMP_NUM_THREADS=1), so a busy shared machine changes wall time, not the budget. Runs go one at a time.
+
+Not a pytest-benchmark file (its runs take minutes): `make bench` does not collect it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "blip3o_fast" / "configs" / "demo.yaml"
+
+# the recipe before issue 19 (what `make demo` shipped): the baseline every change is measured against
+BASELINE = ["flow.target_norm=none", "flow.cond_norm=none", "train.lr=1e-2", "train.ema_decay=0.99",
+            "data.batch_size=32", "flow.timestep_sampling=logit_normal", "eval.sampler=euler", "eval.steps=20",
+            "flow.contrastive_weight=0"]
+# each change alone on top of the baseline, then the shipped recipe (demo.yaml as it is, nothing overridden)
+VARIANTS = {
+    "baseline": BASELINE,
+    "target_norm=channel": BASELINE + ["flow.target_norm=channel"],
+    "target+cond norm=channel": BASELINE + ["flow.target_norm=channel", "flow.cond_norm=channel"],
+    "lr=3e-3": BASELINE + ["train.lr=3e-3"],
+    "ema_decay=0.995": BASELINE + ["train.ema_decay=0.995"],
+    "batch_size=64": BASELINE + ["data.batch_size=64"],
+    "timesteps=uniform": BASELINE + ["flow.timestep_sampling=uniform"],
+    "sampler=heun, 10 steps": BASELINE + ["eval.sampler=heun", "eval.steps=10"],
+    "contrastive_weight=0.1": BASELINE + ["flow.contrastive_weight=0.1"],
+    "contrastive_weight=0.3": BASELINE + ["flow.contrastive_weight=0.3"],
+    "wider (hidden 192, depth 3)": BASELINE + ["model.hidden_size=192", "model.depth=3", "model.num_heads=4"],
+    "recipe (demo.yaml)": [],
+}
+PROBE_STEPS = 30
+
+
+def _env() -> dict:
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    return env
+
+
+def _cli(*args: str) -> float:
+    """Runs one blip3o-fast command; returns its CPU seconds (user + system of the child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run([sys.executable, "-m", "blip3o_fast.cli", *args], capture_output=True, text=True,
+                            env=_env(), cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"{args[0]} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _train(data: Path, run: Path, steps: int, overrides: list[str]) -> float:
+    shutil.rmtree(run, ignore_errors=True)  # from scratch: an existing run folder would be resumed
+    return _cli("train", "--config", str(CONFIG), "--out", str(run), f"data.path={data}", f"train.steps={steps}",
+                f"train.ckpt_every={steps}", "train.eval_every=0", "data.num_workers=0", *overrides)
+
+
+COST_KEYS = ("model.", "data.batch_size", "flow.contrastive_weight")  # what changes the CPU cost of a step
+_per_step: dict[tuple, float] = {}
+_trained: dict[tuple, tuple[Path, int, float, float]] = {}
+
+
+def _cost_per_step(overrides: list[str], data: Path, work: Path) -> float:
+    """CPU seconds per training step of this model size and batch: two probe runs separate the start-up."""
+    key = tuple(o for o in overrides if o.startswith(COST_KEYS))
+    if key not in _per_step:
+        slug = "probe-" + str(len(_per_step))
+        short = _train(data, work / f"{slug}-a", PROBE_STEPS // 3, overrides)
+        long = _train(data, work / f"{slug}-b", PROBE_STEPS, overrides)
+        _per_step[key] = max((long - short) / (PROBE_STEPS - PROBE_STEPS // 3), 1e-4)
+    return _per_step[key]
+
+
+def run_variant(name: str, overrides: list[str], data: Path, work: Path, budget: float) -> dict:
+    steps = max(50, int(budget / _cost_per_step(overrides, data, work)))
+    # variants that differ only in eval.* share one trained run (training is the same computation)
+    train_key = tuple(o for o in overrides if not o.startswith("eval."))
+    if train_key not in _trained:
+        run = work / "".join(c if c.isalnum() else "_" for c in name)
+        wall = time.perf_counter()
+        cpu = _train(data, run, steps, list(train_key))
+        _trained[train_key] = (run, steps, cpu, time.perf_counter() - wall)
+    run, steps, cpu, wall = _trained[train_key]
+    args = ["eval", "--run", str(run), "--max-samples", "0", "--seed", "0", "--out", str(work / "eval" / run.name)]
+    for o in overrides:
+        if o.startswith("eval.sampler="):
+            args += ["--sampler", o.split("=", 1)[1]]
+        elif o.startswith("eval.steps="):
+            args += ["--steps", o.split("=", 1)[1]]
+    _cli(*args)
+    report = json.loads(max((work / "eval" / run.name).glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
+    m = report["metrics"]
+    return {"variant": name, "overrides": overrides, "steps": steps, "train_cpu_s": round(cpu, 1),
+            "train_wall_s": round(wall, 1), "patch_cosine": m["patch_cosine"]["model"],
+            "recall@1": m["recall@1"]["model"], "oracle_recall@1": m["recall@1"]["oracle"],
+            "sampler": f"{report['sampler']} {report['steps']}"}
+
+
+def table(rows: list[dict], budget: float, command: str) -> str:
+    lines = [f"Budget {budget:g} CPU-s of training per variant (1 thread), demo data (`data synth` defaults), "
+             f"seed 0; held-out split (256 samples). Command: `{command}`.", "",
+             "| variant | steps | train CPU s | sampler | patch cosine | R@1 | R@1 / oracle |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['steps']} | {r['train_cpu_s']} | {r['sampler']} | "
+                     f"{r['patch_cosine']:.4f} | {r['recall@1']:.3f} | {r['recall@1'] / r['oracle_recall@1']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=float, default=150.0, help="training CPU seconds per variant")
+    p.add_argument("--work", default=str(ROOT / "build" / "bench_recipe"), help="scratch folder (data and runs)")
+    p.add_argument("--only", nargs="*", default=None, help="variant names (or prefixes) to run")
+    p.add_argument("--out", default=None, help="write the markdown table here")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    if not (data / "manifest.json").is_file():
+        _cli("data", "synth", "--out", str(data), "--quiet")
+    names = [n for n in VARIANTS if args.only is None or any(n.startswith(o) for o in args.only)]
+    rows = []
+    for name in names:
+        row = run_variant(name, VARIANTS[name], data, work, args.budget)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(work / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    command = "python bench/bench_recipe.py --budget " + f"{args.budget:g}" + (
+        " --only " + " ".join(f"'{o}'" for o in args.only) if args.only else "")
+    text = table(rows, args.budget, command)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
