@@ -27,9 +27,9 @@ def run_model(args) -> int:
     from ..inference.pretrained import resolve
 
     dist_info = distributed.init()
-    cfg, state, head, provenance = resolve(args.model, None)
+    cfg, state, head, provenance, stats = resolve(args.model, None)
     cfg = from_dict(apply_overrides(cfg.to_dict(), _overrides(args)))
-    gen = FeatureGenerator(cfg, state, head, provenance, device=dist_info.device)
+    gen = FeatureGenerator(cfg, state, head, provenance, device=dist_info.device, stats=stats)
     if gen.cfg.model.fused_ops:  # as the trainer: a build without kernels for this device fails here, in one line
         from ..ops import check_device
 

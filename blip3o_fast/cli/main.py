@@ -60,4 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         sys.stderr.flush()
         return exit_codes.CRASH
+    finally:
+        if "torch.distributed" in sys.modules:  # a command that joined a process group leaves it (§4.5)
+            from ..runtime import distributed
+
+            distributed.shutdown()
 

@@ -96,6 +96,13 @@ def is_peer_failure(error: BaseException) -> bool:
         "NCCL communicator was aborted", "Socket Timeout"))
 
 
+def shutdown() -> None:
+    """Leaves the process group, if one was joined. Without it gloo's threads outlive Python's finalisation, and a
+    rank that exits as its peer does can die of `terminate called without an active exception` (SIGABRT)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
