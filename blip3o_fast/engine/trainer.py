@@ -55,6 +55,7 @@ from .signals import StopRequest
 log = logging.getLogger("blip3o_fast.train")
 
 FAULT_NAN_ENV = "BLIP3O_FAST_FAULT_NAN_STEPS"  # test hook: comma-separated steps whose rank-0 loss is NaN
+KEYS_ENV = "BLIP3O_FAST_RECORD_KEYS"  # test hook: a folder; each rank appends `step key` of every sample it trains on
 
 
 class Trainer:
@@ -118,6 +119,8 @@ class Trainer:
         self.profiler = StepProfiler(cfg.train.profile, cfg.train.profile_steps, self.run_dir, self.dist.rank,
                                      self.device)
         self.fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_ENV, "").split(",") if s.strip()}
+        keys_dir = os.environ.get(KEYS_ENV)
+        self.keys_file = Path(keys_dir) / f"keys-rank{self.dist.rank}.txt" if keys_dir else None
 
     def _contrastive_head(self) -> GlobalHead:
         weights = data.read_head(self.dataset.path, self.cfg.task.target_dim)
@@ -133,9 +136,20 @@ class Trainer:
         self.step = restored.step
         self.counters.update(restored.meta.get("counters", {}))
         self.ema.load_full_state_dict(restored.ema)
-        self.loader.load_state_dict(restored.rank_state["data"])
+        own = restored.rank_state["data"] if restored.rank_state else None
+        if own is not None and self.loader.same_layout(own):
+            self.loader.load_state_dict(own)
+            if self.is_main:
+                print(f"resumed from {checkpoint} at step {self.step}", flush=True)
+            return
+        # another process count or data.num_workers: the streams are re-dealt, the model state is whole (stage 0)
+        states = self.checkpointer.data_states(checkpoint)
+        line = self.loader.load_elastic(states)
         if self.is_main:
-            print(f"resumed from {checkpoint} at step {self.step}", flush=True)
+            print(f"resumed from {checkpoint} at step {self.step}; elastic resume: {restored.saved_ranks} -> "
+                  f"{self.dist.world_size} ranks, {states[0]['streams']} -> {self.loader.streams} data stream(s) "
+                  f"per rank; weights, optimizer state (ZeRO stage 0: whole) and EMA loaded; data: {line}",
+                  flush=True)
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -150,6 +164,9 @@ class Trainer:
         for micro in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
+            if self.keys_file is not None:
+                with open(self.keys_file, "a") as f:
+                    f.writelines(f"{self.step + 1} {key}\n" for key in batch["key"])
             target, cond = self._inputs(batch)
             data_wait += time.perf_counter() - t0
             g = distributed.generator(self.device, cfg.train.seed, self.step, self.dist.rank, micro)

@@ -52,8 +52,13 @@ def set_rng_state(state: dict) -> None:
 class Restored:
     step: int
     meta: dict
-    rank_state: dict
+    rank_state: dict | None  # None: the checkpoint has no rank of this number (saved with fewer ranks)
     ema: dict[str, torch.Tensor]
+    saved_ranks: int
+
+
+def rank_files(path: Path) -> list[Path]:
+    return sorted(path.glob("rank-[0-9]*.pt"))
 
 
 class Checkpointer:
@@ -124,19 +129,31 @@ class Checkpointer:
     # -- loading ----------------------------------------------------------------------------------
 
     def load(self, engine, path: Path) -> Restored:
-        """Collective: model and optimizer into the engine; returns this rank's state and the EMA."""
-        rank_file = path / f"rank-{self.dist.rank:05d}.pt"
-        if not rank_file.is_file():
-            raise UserError(f"{path} has no state for rank {self.dist.rank} ({rank_file.name}): resume with the same "
-                            f"number of processes it was saved with")
+        """Collective: model and optimizer into the engine; returns this rank's state and the EMA. Another
+        process count (an elastic resume) loads under ZeRO stage 0, whose model and optimizer states are whole;
+        the data streams are then mapped by the caller from every rank's state (`data_states`)."""
+        saved = len(rank_files(path))
+        stage = engine.zero_optimization_stage()
+        if saved != self.dist.world_size and stage > 0:
+            raise UserError(f"{path} was saved by {saved} processes under ZeRO stage {stage}, whose optimizer state "
+                            f"is split per process: resume it with {saved} processes, or start from its weights "
+                            f"with train.init_from={path} (new optimizer); ZeRO stage 0 resumes with any count")
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if load_path is None:
             raise UserError(f"DeepSpeed could not load the checkpoint {path}")
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-        set_rng_state(rank_state.pop("rng"))
+        rank_file = path / f"rank-{self.dist.rank:05d}.pt"
+        rank_state = None
+        if rank_file.is_file():
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+            set_rng_state(rank_state.pop("rng"))
         meta = json.loads((path / "meta.json").read_text())
-        return Restored(int(meta["step"]), meta, rank_state, load_file(str(path / "ema.safetensors")))
+        return Restored(int(meta["step"]), meta, rank_state, load_file(str(path / "ema.safetensors")), saved)
+
+    @staticmethod
+    def data_states(path: Path) -> list[dict]:
+        """Every saved rank's data-stream state (an elastic resume maps them onto the new ranks)."""
+        return [torch.load(f, map_location="cpu", weights_only=False)["data"] for f in rank_files(path)]
 
 
 # what makes a folder's checkpoints another experiment: these sections, except keys that only say how to run it
