@@ -39,7 +39,7 @@ from ..model.head import GlobalHead
 from ..model.normalize import FlowNorm, needs_stats
 from ..ops import check_device
 from ..runtime import distributed, exit_codes
-from ..runtime.checkpoint import Checkpointer, check_same_experiment
+from ..runtime.checkpoint import Checkpointer, check_same_experiment, partitioned, rank_files
 from ..runtime.run_lock import hold_run_lock
 from .ds_config import deepspeed_config
 from .ema import EMA
@@ -101,7 +101,11 @@ class Trainer:
             print(model.describe(), flush=True)
         if cfg.train.compile:
             model.compile(dynamic=False)  # in place: parameter names, checkpoints and EMA are unchanged
-        self.model_engine = ModelEngine(model, cfg, self.device, self.precision)
+        # another process count than a ZeRO 1-3 checkpoint was saved with: DeepSpeed's universal form re-shards it
+        self.universal = None
+        if checkpoint is not None and len(rank_files(checkpoint)) != self.dist.world_size and partitioned(checkpoint):
+            self.universal = self.checkpointer.universal(checkpoint)
+        self.model_engine = ModelEngine(model, cfg, self.device, self.precision, load_universal=bool(self.universal))
         self.ema = EMA(self.model_engine.module, cfg.train.ema_decay)
         self.evaluator = Evaluator(cfg, self.dataset, self.dist, self.run_dir)
 
@@ -132,7 +136,7 @@ class Trainer:
     def _restore(self, checkpoint: Path | None) -> None:
         if checkpoint is None:
             return
-        restored = self.checkpointer.load(self.model_engine.engine, checkpoint)
+        restored = self.checkpointer.load(self.model_engine.engine, checkpoint, self.universal)
         self.step = restored.step
         self.counters.update(restored.meta.get("counters", {}))
         self.ema.load_full_state_dict(restored.ema)
@@ -142,14 +146,15 @@ class Trainer:
             if self.is_main:
                 print(f"resumed from {checkpoint} at step {self.step}", flush=True)
             return
-        # another process count or data.num_workers: the streams are re-dealt, the model state is whole (stage 0)
+        # another process count or data.num_workers: the data streams are re-dealt (data/elastic.py)
         states = self.checkpointer.data_states(checkpoint)
         line = self.loader.load_elastic(states)
         if self.is_main:
+            how = (f"re-sharded from DeepSpeed's universal checkpoint {self.universal}" if self.universal else
+                   "loaded whole (not split per process)")
             print(f"resumed from {checkpoint} at step {self.step}; elastic resume: {restored.saved_ranks} -> "
                   f"{self.dist.world_size} ranks, {states[0]['streams']} -> {self.loader.streams} data stream(s) "
-                  f"per rank; weights, optimizer state (ZeRO stage 0: whole) and EMA loaded; data: {line}",
-                  flush=True)
+                  f"per rank; weights and optimizer state {how}; EMA loaded; data: {line}", flush=True)
 
     # -- one step ---------------------------------------------------------------------------------
 
