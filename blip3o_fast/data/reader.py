@@ -9,7 +9,9 @@ data, and a stream is a pure function of its seed, which is what makes it resuma
 a stream is (epoch, block, offset), and a resumed stream seeks there directly, reading nothing that
 was consumed. Batches carry their stream and position; the loader records them as batches are
 consumed, so its state after N batches restarts every stream where batch N left it (and rotates the
-DataLoader's round-robin so batch N+1 comes from the stream that would have produced it).
+DataLoader's round-robin so batch N+1 comes from the stream that would have produced it). Another layout
+(world size, stream count) continues from every saved rank's state: each new stream first reads a *rest*
+pass, its share of what the saved streams had left of their epoch (elastic.py), position (epoch, block, offset, 1).
 
 Evaluation: the split's samples, in manifest order, are cut into contiguous ranges, one per rank and
 then one per worker; each is read once, in order, and reported (with any skipped sample) at the end.
@@ -141,12 +143,9 @@ class TrainShards(IterableDataset):
         items = self._block_items(block, stats)
         if rest:
             items = [it for it in items if it[0] in self.left and self.left[it[0]][it[1]]]
-        return [items[i] for i in self._perm(logical, epoch, rest, k, len(items))]
-
-    def _perm(self, logical: int, epoch: int, rest: bool, k: int, n: int) -> np.ndarray:
-        if self.shuffle_buffer == 0:
-            return np.arange(n)
-        return np.random.default_rng(self._seed(logical, epoch, rest, k + 1)).permutation(n)
+        perm = (np.random.default_rng(self._seed(logical, epoch, rest, k + 1)).permutation(len(items))
+                if self.shuffle_buffer > 0 else range(len(items)))
+        return [items[i] for i in perm]
 
     def stream(self, logical: int, shared: bool = False):
         """Batches of one logical stream, from its start position, forever."""

@@ -4,7 +4,8 @@ A checkpoint is a folder `<run>/checkpoints/step-NNNNNNN/` holding DeepSpeed's m
 states (any ZeRO stage), `ema.safetensors` (full float32 EMA weights), `config.yaml`, `meta.json`
 (step and counters), and one `rank-NNNNN.pt` per rank (its data-stream and RNG state). Rank 0 writes
 the `COMPLETE` marker last, after every rank has finished writing; only marked checkpoints are
-resumed from, and older ones are pruned only once a newer one is complete.
+resumed from, and older ones are pruned only once a newer one is complete. Another process count
+resumes too (docs/architecture.md §3.11): a ZeRO 1-3 checkpoint through DeepSpeed's universal form.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ class Checkpointer:
 # what makes a folder's checkpoints another experiment: these sections, except keys that only say how to run it
 EXPERIMENT_SECTIONS = ("task", "model", "data")
 HOW_TO_RUN = {"model.attention", "model.fused_ops", "model.activation_checkpointing", "data.pin_memory",
-              "data.eval_split", "data.num_workers"}  # num_workers: the reader restarts its streams (§3.9.4)
+              "data.eval_split", "data.num_workers"}  # num_workers: the reader re-deals its streams (§3.9.4)
 
 
 def differing_keys(saved: dict, current: dict) -> list[str]:
