@@ -176,6 +176,69 @@ def test_changed_layout_warns_and_starts_fresh_streams(dataset):
     assert other.stats()["samples"] == 20 * 4 + 3 * 4
 
 
+def _consume(ds, layout, batches, states=None):
+    """Per stream of `layout` (world, workers): the keys of its share of `batches` batches per rank (after
+    load_elastic(states); a rank's batches come from its streams in turn), and each rank's state after them."""
+    world, workers = layout
+    streams = max(1, workers)
+    keys, out = [], []
+    for rank in range(world):
+        loader = TrainLoader(ds, "train", 2, seed=7, rank=rank, world_size=world, num_workers=workers,
+                             shuffle_buffer=25)
+        if states is not None:
+            assert "sample(s) left in the current epoch" in loader.load_elastic(states)
+        got = list(itertools.islice(loader, batches))
+        keys += [_keys(got[w::streams]) for w in range(streams)]
+        out.append(json.loads(json.dumps(loader.state_dict())))
+    return keys, out
+
+
+def _rest(seen: set, keys: list) -> list:
+    """A new stream's keys up to the first one read before: the rest of the epoch it was handed."""
+    out = []
+    for key in keys:
+        if key in seen or key in out:
+            break
+        out.append(key)
+    return out
+
+
+@pytest.mark.parametrize("old, new", [((2, 0), (1, 0)), ((1, 0), (2, 0)), ((2, 2), (3, 1)), ((1, 0), (4, 2))])
+def test_elastic_resume_reads_the_rest_of_the_epoch_once(dataset, old, new):
+    """Another world size or stream count (8 streams over 6 shards share shards): the samples read before
+    and the rest of the epoch read after are the split, each once; then the next epoch starts."""
+    ds, keys = dataset
+    before, states = _consume(ds, old, 3)
+    seen = [k for part in before for k in part]
+    assert len(set(seen)) == len(seen) == 3 * 2 * old[0]
+    after, _ = _consume(ds, new, 60, states)  # 120 samples a rank: past the rest of the epoch
+    rest = [_rest(set(seen), part) for part in after]
+    assert sorted(seen + [k for part in rest for k in part]) == keys["train"]
+    assert all(len(part) < len(got) for part, got in zip(rest, after)), "each new stream went on to its next epoch"
+
+
+def test_elastic_resume_of_an_elastic_resume(dataset):
+    """Interrupted while reading the rest of an epoch (2 -> 3 ranks), then resumed on 1 rank."""
+    ds, keys = dataset
+    first, states = _consume(ds, (2, 0), 3)
+    second, states = _consume(ds, (3, 0), 2, states)
+    assert all(s.get("left") for s in states), "still in the rest of the epoch"
+    third, _ = _consume(ds, (1, 0), 40, states)
+    seen = [k for part in first + second for k in part]
+    assert len(set(seen)) == len(seen) == 12 + 12
+    assert sorted(seen + _rest(set(seen), third[0])) == keys["train"]
+
+
+def test_same_layout_resume_inside_the_rest_of_an_epoch_is_exact(dataset):
+    ds, _ = dataset
+    _, states = _consume(ds, (2, 0), 3)
+    straight, _ = _consume(ds, (1, 0), 9, states)
+    head, mid = _consume(ds, (1, 0), 4, states)
+    loader = TrainLoader(ds, "train", 2, seed=7, shuffle_buffer=25)
+    loader.load_state_dict(mid[0])
+    assert head[0] + _keys(itertools.islice(loader, 5)) == straight[0]
+
+
 def test_loader_arguments_are_checked(dataset):
     ds, _ = dataset
     with pytest.raises(ValueError):

@@ -9,7 +9,9 @@ data, and a stream is a pure function of its seed, which is what makes it resuma
 a stream is (epoch, block, offset), and a resumed stream seeks there directly, reading nothing that
 was consumed. Batches carry their stream and position; the loader records them as batches are
 consumed, so its state after N batches restarts every stream where batch N left it (and rotates the
-DataLoader's round-robin so batch N+1 comes from the stream that would have produced it).
+DataLoader's round-robin so batch N+1 comes from the stream that would have produced it). Another layout
+(world size, stream count) continues from every saved rank's state: each new stream first reads a *rest*
+pass, its share of what the saved streams had left of their epoch (elastic.py), position (epoch, block, offset, 1).
 
 Evaluation: the split's samples, in manifest order, are cut into contiguous ranges, one per rank and
 then one per worker; each is read once, in order, and reported (with any skipped sample) at the end.
@@ -25,12 +27,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import elastic
 from .format import DataError, Dataset, ShardInfo
 from .samples import BatchBuilder, SkipStats
 from .tario import NpyError, index_shard
 
 log = logging.getLogger("blip3o_fast.data")
 STATE_VERSION = 1
+REST_PASS = 1 << 31  # salts the seeds of a rest-of-epoch pass (elastic resume), apart from every epoch's
 
 
 def stream_shards(n_shards: int, n_streams: int, g: int) -> list[tuple[int, int, int]]:
@@ -110,6 +114,7 @@ class TrainShards(IterableDataset):
         self.start: dict[int, list[int]] = {}
         self.start_stats: dict[int, dict] = {}
         self.rotation = 0
+        self.left: dict[int, np.ndarray] = {}  # shard -> positions still to read in a `rest` pass (elastic resume)
 
     def __iter__(self):
         info = get_worker_info()
@@ -123,52 +128,71 @@ class TrainShards(IterableDataset):
         block = 1 if self.shuffle_buffer == 0 else max(1, round(self.shuffle_buffer / max(per_shard, 1.0)))
         return own, block
 
+    def plan(self, logical: int, epoch: int, rest: bool) -> list[list[tuple[int, int, int]]]:
+        """The blocks of (shard, stride, offset) a stream reads in one pass: epoch `epoch`, or with `rest`
+        the rest of the epoch before it that an elastic resume hands this stream (`self.left`)."""
+        own, block_shards = self._own(logical)
+        order = np.random.default_rng(self._seed(logical, epoch, rest)).permutation(len(own))
+        return [[own[j] for j in order[i:i + block_shards]] for i in range(0, len(order), block_shards)]
+
+    def _seed(self, logical: int, epoch: int, rest: bool, *more: int) -> list[int]:
+        return [self.seed, epoch, self.rank, logical, *([REST_PASS] if rest else []), *more]
+
+    def block(self, logical: int, epoch: int, rest: bool, k: int, block, stats: SkipStats | None) -> list[tuple]:
+        """Block k of a pass as (shard index, position, sample) in reading order (the shuffle of §3.9.4)."""
+        items = self._block_items(block, stats)
+        if rest:
+            items = [it for it in items if it[0] in self.left and self.left[it[0]][it[1]]]
+        perm = (np.random.default_rng(self._seed(logical, epoch, rest, k + 1)).permutation(len(items))
+                if self.shuffle_buffer > 0 else range(len(items)))
+        return [items[i] for i in perm]
+
     def stream(self, logical: int, shared: bool = False):
         """Batches of one logical stream, from its start position, forever."""
-        own, block_shards = self._own(logical)
         stats = SkipStats(self.start_stats.get(logical))
-        epoch, start_block, start_offset = self.start.get(logical, (0, 0, 0))
+        epoch, start_block, start_offset, *rest = self.start.get(logical, (0, 0, 0))
+        rest = bool(rest and rest[0])
         replay = logical in self.start  # the first block was loaded (and its shard errors counted) before
         builder = BatchBuilder(self.dataset, self.batch_size, shared)
         files = _Files()
         while True:
-            full_epoch = start_block == 0 and start_offset == 0
+            full_epoch = start_block == 0 and start_offset == 0 and not rest
             read_in_epoch = 0
-            order = np.random.default_rng([self.seed, epoch, self.rank, logical]).permutation(len(own))
-            blocks = [order[i:i + block_shards] for i in range(0, len(order), block_shards)]
+            blocks = self.plan(logical, epoch, rest)
             for k in range(start_block, len(blocks)):
-                items = self._block_items([own[j] for j in blocks[k]], stats, count_losses=not replay)
+                items = self.block(logical, epoch, rest, k, blocks[k], None if replay or rest else stats)
                 replay = False
-                perm = (np.random.default_rng([self.seed, epoch, self.rank, logical, k + 1]).permutation(len(items))
-                        if self.shuffle_buffer > 0 else np.arange(len(items)))
                 for o in range(start_offset if k == start_block else 0, len(items)):
-                    shard, sample = items[perm[o]]
-                    read_in_epoch += _read(builder, files, shard, sample, stats)
+                    shard_i, _, sample = items[o]
+                    read_in_epoch += _read(builder, files, self.shards[shard_i], sample, stats)
                     if builder.full:
                         batch = builder.emit()
-                        batch.update(_stream=logical, _pos=[epoch, k, o + 1], _stats=stats.to_dict())
+                        batch.update(_stream=logical, _pos=[epoch, k, o + 1, *([1] if rest else [])],
+                                     _stats=stats.to_dict())
                         yield batch
                 files.close()
             if full_epoch and read_in_epoch == 0:
                 raise DataError(f"a whole epoch of split {self.split!r} (rank {self.rank}, worker {logical}) had no "
                                 f"valid sample ({stats.summary()}): check the shards with `blip3o-fast data inspect "
                                 f"{self.dataset.path}`")
-            epoch, start_block, start_offset = epoch + 1, 0, 0
+            # the rest of an epoch is followed by that epoch's successor (`epoch` is already it)
+            epoch, start_block, start_offset, rest = epoch + (0 if rest else 1), 0, 0, False
 
-    def _block_items(self, block: list[tuple[int, int, int]], stats: SkipStats, count_losses: bool) -> list[tuple]:
-        """(shard, sample) pairs of one block of (shard, stride, offset); a shard shorter than its manifest is
-        counted once (not again when a resumed stream reloads the block it was in)."""
+    def _block_items(self, block: list[tuple[int, int, int]], stats: SkipStats | None) -> list[tuple]:
+        """(shard index, position, sample) triples of one block of (shard, stride, offset); a shard shorter than its
+        manifest is counted in `stats` (None: not again, when a resumed stream reloads the block it was in)."""
         items = []
         for shard_i, stride, offset in block:
             shard = self.shards[shard_i]
             index = index_shard(shard.path)
             found = len(index.samples)
-            if found < shard.samples and count_losses:
+            if found < shard.samples and stats is not None:
                 mine = len(range(offset, shard.samples, stride)) - len(range(offset, found, stride))
                 stats.skip_shard(index.error or "shard shorter than its manifest", shard.file)
                 if mine:
                     stats.skip_sample("lost with shard", shard.file, mine)
-            items.extend((shard, s) for s in index.samples[offset:shard.samples:stride])
+            positions = range(offset, min(found, shard.samples), stride)
+            items.extend((shard_i, p, index.samples[p]) for p in positions)
         return items
 
 
@@ -194,11 +218,12 @@ class TrainLoader:
         self.positions: dict[int, list[int]] = {}
         self.worker_stats: dict[int, dict] = {}
         self.carried: list[dict] = []
+        self.left: dict[int, np.ndarray] = {}
         self._logged_skips = 0
 
     def __iter__(self):
         src = self._source
-        src.start, src.start_stats = dict(self.positions), dict(self.worker_stats)
+        src.start, src.start_stats, src.left = dict(self.positions), dict(self.worker_stats), self.left
         src.rotation = self.batches % self.streams
         for batch in _batches(src, self.num_workers, self.pin_memory):
             logical = batch.pop("_stream")
@@ -226,7 +251,38 @@ class TrainLoader:
                 "world_size": self.world_size, "streams": self.streams, "shards": len(self._source.shards),
                 "batches": self.batches,
                 "positions": {str(k): list(v) for k, v in sorted(self.positions.items())},
-                "stats": {str(k): v for k, v in sorted(self.worker_stats.items())}, "carried": list(self.carried)}
+                "stats": {str(k): v for k, v in sorted(self.worker_stats.items())}, "carried": list(self.carried),
+                **({"left": elastic.encode_left(self.left)} if self.in_rest_pass() else {})}
+
+    def in_rest_pass(self) -> bool:
+        """Whether a stream is still reading the rest of the epoch an elastic resume handed over."""
+        return any(len(p) > 3 and p[3] for p in self.positions.values())
+
+    def _layout(self) -> dict:
+        return {"split": self.split, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "streams": self.streams, "shards": len(self._source.shards)}
+
+    def same_layout(self, state: dict) -> bool:
+        """Whether `state` (this rank's saved one) continues exactly here."""
+        return all(state.get(k) == v for k, v in self._layout().items())
+
+    def load_elastic(self, states: list[dict]) -> str:
+        """Continues the streams of another world size or stream count from every saved rank's state: this
+        rank's new streams first read their share of what the saved streams had left of their epoch, then
+        the next epoch (elastic.py). Returns a line saying so."""
+        src = self._source
+        elastic.check_states(states, {"version": STATE_VERSION, "split": self.split, "seed": self.seed,
+                                      "shards": len(src.shards)}, self.dataset.path)
+
+        def saved(st: dict) -> TrainShards:
+            return TrainShards(self.dataset, self.split, src.batch_size, self.seed, int(st["rank"]),
+                               int(st["world_size"]), int(st["streams"]), src.shuffle_buffer)
+
+        next_epoch, self.left = elastic.rest_of_epoch([s.samples for s in src.shards], states, saved)
+        self.positions = {w: [next_epoch, 0, 0, 1] for w in range(self.streams)}
+        self.worker_stats, self.batches = {}, 0
+        self.carried = elastic.carried_stats(states, self.rank, self.world_size)
+        return elastic.describe(states, self.left, next_epoch)
 
     def load_state_dict(self, state: dict) -> None:
         """Continues the stream a state_dict() recorded; a different layout restarts fresh streams."""
@@ -234,14 +290,14 @@ class TrainLoader:
             raise DataError(f"data stream state has version {state.get('version')!r}, expected {STATE_VERSION}: "
                             f"it was written by another blip3o-fast")
         layout = ("split", "seed", "rank", "world_size", "streams", "shards")
-        here = {"split": self.split, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "streams": self.streams, "shards": len(self._source.shards)}
+        here = self._layout()
         positions = {int(k): list(v) for k, v in state["positions"].items()}
         stats = {int(k): v for k, v in state["stats"].items()}
         self.batches = int(state["batches"])
         self.carried = list(state.get("carried", []))
         if all(state.get(k) == here[k] for k in layout):
             self.positions, self.worker_stats = positions, stats
+            self.left = elastic.decode_left(state.get("left", {}), [s.samples for s in self._source.shards])
             return
         changed = ", ".join(f"{k} {state.get(k)} -> {here[k]}" for k in layout if state.get(k) != here[k])
         # another layout cannot continue the same streams; start new ones past every epoch already read

@@ -42,11 +42,14 @@ COMPUTE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 
 
 class ModelEngine:
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, device: torch.device, precision: str):
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, device: torch.device, precision: str,
+                 load_universal: bool = False):
         optimizer = make_adamw(model, cfg.train, device)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    config=deepspeed_config(cfg, precision, world))
+        config = deepspeed_config(cfg, precision, world)
+        if load_universal:  # an elastic resume of a ZeRO 1-3 checkpoint (runtime/checkpoint.py)
+            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         # our optimizer came back unwrapped: DeepSpeed will not check its gradients, we must
         self._local_check = isinstance(self.engine.optimizer, SkippableAdamW)
 

@@ -39,7 +39,7 @@ from ..model.head import GlobalHead
 from ..model.normalize import FlowNorm, needs_stats
 from ..ops import check_device
 from ..runtime import distributed, exit_codes
-from ..runtime.checkpoint import Checkpointer, check_same_experiment
+from ..runtime.checkpoint import Checkpointer, check_same_experiment, partitioned, rank_files
 from ..runtime.run_lock import hold_run_lock
 from .ds_config import deepspeed_config
 from .ema import EMA
@@ -55,6 +55,7 @@ from .signals import StopRequest
 log = logging.getLogger("blip3o_fast.train")
 
 FAULT_NAN_ENV = "BLIP3O_FAST_FAULT_NAN_STEPS"  # test hook: comma-separated steps whose rank-0 loss is NaN
+KEYS_ENV = "BLIP3O_FAST_RECORD_KEYS"  # test hook: a folder; each rank appends `step key` of every sample it trains on
 
 
 class Trainer:
@@ -100,7 +101,11 @@ class Trainer:
             print(model.describe(), flush=True)
         if cfg.train.compile:
             model.compile(dynamic=False)  # in place: parameter names, checkpoints and EMA are unchanged
-        self.model_engine = ModelEngine(model, cfg, self.device, self.precision)
+        # another process count than a ZeRO 1-3 checkpoint was saved with: DeepSpeed's universal form re-shards it
+        self.universal = None
+        if checkpoint is not None and len(rank_files(checkpoint)) != self.dist.world_size and partitioned(checkpoint):
+            self.universal = self.checkpointer.universal(checkpoint)
+        self.model_engine = ModelEngine(model, cfg, self.device, self.precision, load_universal=bool(self.universal))
         self.ema = EMA(self.model_engine.module, cfg.train.ema_decay)
         self.evaluator = Evaluator(cfg, self.dataset, self.dist, self.run_dir)
 
@@ -118,6 +123,8 @@ class Trainer:
         self.profiler = StepProfiler(cfg.train.profile, cfg.train.profile_steps, self.run_dir, self.dist.rank,
                                      self.device)
         self.fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_ENV, "").split(",") if s.strip()}
+        keys_dir = os.environ.get(KEYS_ENV)
+        self.keys_file = Path(keys_dir) / f"keys-rank{self.dist.rank}.txt" if keys_dir else None
 
     def _contrastive_head(self) -> GlobalHead:
         weights = data.read_head(self.dataset.path, self.cfg.task.target_dim)
@@ -129,13 +136,25 @@ class Trainer:
     def _restore(self, checkpoint: Path | None) -> None:
         if checkpoint is None:
             return
-        restored = self.checkpointer.load(self.model_engine.engine, checkpoint)
+        restored = self.checkpointer.load(self.model_engine.engine, checkpoint, self.universal)
         self.step = restored.step
         self.counters.update(restored.meta.get("counters", {}))
         self.ema.load_full_state_dict(restored.ema)
-        self.loader.load_state_dict(restored.rank_state["data"])
+        own = restored.rank_state["data"] if restored.rank_state else None
+        if own is not None and self.loader.same_layout(own):
+            self.loader.load_state_dict(own)
+            if self.is_main:
+                print(f"resumed from {checkpoint} at step {self.step}", flush=True)
+            return
+        # another process count or data.num_workers: the data streams are re-dealt (data/elastic.py)
+        states = self.checkpointer.data_states(checkpoint)
+        line = self.loader.load_elastic(states)
         if self.is_main:
-            print(f"resumed from {checkpoint} at step {self.step}", flush=True)
+            how = (f"re-sharded from DeepSpeed's universal checkpoint {self.universal}" if self.universal else
+                   "loaded whole (not split per process)")
+            print(f"resumed from {checkpoint} at step {self.step}; elastic resume: {restored.saved_ranks} -> "
+                  f"{self.dist.world_size} ranks, {states[0]['streams']} -> {self.loader.streams} data stream(s) "
+                  f"per rank; weights and optimizer state {how}; EMA loaded; data: {line}", flush=True)
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -150,6 +169,9 @@ class Trainer:
         for micro in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
+            if self.keys_file is not None:
+                with open(self.keys_file, "a") as f:
+                    f.writelines(f"{self.step + 1} {key}\n" for key in batch["key"])
             target, cond = self._inputs(batch)
             data_wait += time.perf_counter() - t0
             g = distributed.generator(self.device, cfg.train.seed, self.step, self.dist.rank, micro)

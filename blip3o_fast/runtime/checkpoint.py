@@ -4,15 +4,20 @@ A checkpoint is a folder `<run>/checkpoints/step-NNNNNNN/` holding DeepSpeed's m
 states (any ZeRO stage), `ema.safetensors` (full float32 EMA weights), `config.yaml`, `meta.json`
 (step and counters), and one `rank-NNNNN.pt` per rank (its data-stream and RNG state). Rank 0 writes
 the `COMPLETE` marker last, after every rank has finished writing; only marked checkpoints are
-resumed from, and older ones are pruned only once a newer one is complete.
+resumed from, and older ones are pruned only once a newer one is complete. Another process count
+resumes too (docs/architecture.md §3.11): a ZeRO 1-3 checkpoint through DeepSpeed's universal form.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import random
 import re
 import shutil
+from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from . import distributed, launcher
 from .files import atomic_write_text
 
 MARKER = "COMPLETE"
+UNIVERSAL = "universal"  # <checkpoint>/universal/<tag>/: DeepSpeed's universal form, made by an elastic resume
 _NAME = re.compile(r"^step-(\d{7,})$")
 
 
@@ -52,8 +58,18 @@ def set_rng_state(state: dict) -> None:
 class Restored:
     step: int
     meta: dict
-    rank_state: dict
+    rank_state: dict | None  # None: the checkpoint has no rank of this number (saved with fewer ranks)
     ema: dict[str, torch.Tensor]
+    saved_ranks: int
+
+
+def rank_files(path: Path) -> list[Path]:
+    return sorted(path.glob("rank-[0-9]*.pt"))
+
+
+def partitioned(path: Path) -> bool:
+    """Whether DeepSpeed split the optimizer state per process (ZeRO stages 1-3) in this checkpoint."""
+    return any(path.glob("*zero_pp_rank_*_optim_states.pt"))
 
 
 class Checkpointer:
@@ -123,26 +139,54 @@ class Checkpointer:
 
     # -- loading ----------------------------------------------------------------------------------
 
-    def load(self, engine, path: Path) -> Restored:
-        """Collective: model and optimizer into the engine; returns this rank's state and the EMA."""
-        rank_file = path / f"rank-{self.dist.rank:05d}.pt"
-        if not rank_file.is_file():
-            raise UserError(f"{path} has no state for rank {self.dist.rank} ({rank_file.name}): resume with the same "
-                            f"number of processes it was saved with")
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+    def universal(self, path: Path) -> Path:
+        """Collective: DeepSpeed's universal checkpoint of `path` (per-parameter fp32 weights and Adam moments,
+        loadable by any process count), converted once by rank 0 with `ds_to_universal` into
+        `<checkpoint>/universal/<tag>/`; an interrupted conversion leaves only a `universal.tmp` to redo."""
+        out = path / UNIVERSAL / path.name
+        if self.dist.is_main and not (out / MARKER).is_file():
+            from deepspeed.checkpoint import ds_to_universal
+
+            tmp = path / f"{UNIVERSAL}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            args = Namespace(input_folder=str(path), output_folder=str(tmp / path.name), num_extract_workers=1,
+                             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines, not ours
+                ds_to_universal.main(args)
+            atomic_write_text(tmp / path.name / MARKER, f"{path.name}\n")
+            shutil.rmtree(path / UNIVERSAL, ignore_errors=True)
+            os.replace(tmp, path / UNIVERSAL)
+        distributed.barrier()
+        return out
+
+    def load(self, engine, path: Path, universal: Path | None = None) -> Restored:
+        """Collective: model and optimizer into the engine (from `universal`, DeepSpeed's universal form, when
+        given); returns this rank's state and the EMA. With another process count this rank's state may be
+        missing (None): the caller then maps the data streams from every rank's (`data_states`)."""
+        source = universal or path
+        load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if load_path is None:
-            raise UserError(f"DeepSpeed could not load the checkpoint {path}")
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-        set_rng_state(rank_state.pop("rng"))
+            raise UserError(f"DeepSpeed could not load the checkpoint {source}")
+        rank_file = path / f"rank-{self.dist.rank:05d}.pt"
+        rank_state = None
+        if rank_file.is_file():
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+            set_rng_state(rank_state.pop("rng"))
         meta = json.loads((path / "meta.json").read_text())
-        return Restored(int(meta["step"]), meta, rank_state, load_file(str(path / "ema.safetensors")))
+        return Restored(int(meta["step"]), meta, rank_state, load_file(str(path / "ema.safetensors")),
+                        len(rank_files(path)))
+
+    @staticmethod
+    def data_states(path: Path) -> list[dict]:
+        """Every saved rank's data-stream state (an elastic resume maps them onto the new ranks)."""
+        return [torch.load(f, map_location="cpu", weights_only=False)["data"] for f in rank_files(path)]
 
 
 # what makes a folder's checkpoints another experiment: these sections, except keys that only say how to run it
 EXPERIMENT_SECTIONS = ("task", "model", "data")
 HOW_TO_RUN = {"model.attention", "model.fused_ops", "model.activation_checkpointing", "data.pin_memory",
-              "data.eval_split", "data.num_workers"}  # num_workers: the reader restarts its streams (§3.9.4)
+              "data.eval_split", "data.num_workers"}  # num_workers: the reader re-deals its streams (§3.9.4)
 
 
 def differing_keys(saved: dict, current: dict) -> list[str]:
