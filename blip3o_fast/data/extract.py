@@ -67,6 +67,9 @@ class ExtractOptions:
     cond_cls: bool = False
     shard_size: int = 1000
     dtype: str = "auto"
+    storage: str = "float"  # of the condition tokens: float (float16) or int8 (§3.9.6)
+    storage_target: str = "float"
+    int8_scale: str = "token"
     text_model: str | None = None
     image_processor: str | None = None
     trust_remote_code: bool = False
@@ -215,8 +218,10 @@ def _plan(opt: ExtractOptions, device: torch.device, dtype: torch.dtype) -> Plan
         clip = next((e for e in (target, cond) if e.clip is not None), None)
         text = load_clip_text(clip.name, clip.clip, device) if clip else None
     return Plan(target, cond, processor, text, t_grid,
-                StreamSpec(cond_name, opt.cond_model, c_dim, n + int(opt.cond_cls), opt.cond_cls),
-                StreamSpec(target_name, opt.target_model, t_dim, n + int(opt.target_cls), opt.target_cls),
+                StreamSpec(cond_name, opt.cond_model, c_dim, n + int(opt.cond_cls), opt.cond_cls,
+                           storage=opt.storage, scale=opt.int8_scale),
+                StreamSpec(target_name, opt.target_model, t_dim, n + int(opt.target_cls), opt.target_cls,
+                           storage=opt.storage_target, scale=opt.int8_scale),
                 TextSpec(text.dim, opt.max_captions, None, text.name) if text else None,
                 drop_target_cls=t_has_cls and not opt.target_cls, drop_cond_cls=c_has_cls and not opt.cond_cls)
 

@@ -55,11 +55,13 @@ def check_quantized(values: np.ndarray, scale: np.ndarray, name: str, dtype: np.
         raise NpyError("out of range", f"{name} int8 value -128 (never written)")
 
 
-def to_device(batch: dict, name: str, device, dtype: torch.dtype, non_blocking: bool = False) -> torch.Tensor:
+def to_device(batch: dict, name: str, device, dtype: torch.dtype | None = None,
+              non_blocking: bool = False) -> torch.Tensor:
     """A batch stream on `device` in `dtype`: int8 values passed through the reader (`<name>_scale` beside them)
-    are copied as int8 and dequantised there, float values are copied and cast."""
+    are copied as int8 and dequantised there (to float16, what the writers store, when `dtype` is None), float
+    values are copied and cast (kept in their dtype when None)."""
     values = batch[name].to(device, non_blocking=non_blocking)
     scale = batch.get(f"{name}_scale")
     if scale is None:
-        return values.to(dtype)
-    return dequantize(values, scale.to(device, non_blocking=non_blocking), dtype)
+        return values if dtype is None else values.to(dtype)
+    return dequantize(values, scale.to(device, non_blocking=non_blocking), dtype or torch.float16)
