@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from test_export import cli
+from test_train import run_train, small_data  # noqa: F401  (session fixture)
 
 from blip3o_fast.data import EvalLoader, StreamSpec, TextSpec, TrainLoader, open_dataset
 from blip3o_fast.data.quant import QMAX, dequantize, quantize, to_device
@@ -141,3 +143,56 @@ def test_writer_records_int8_statistics_of_the_values_read_back(tmp_path):
     values = np.concatenate([b["cond"].float().numpy().reshape(-1, 12)
                              for b in EvalLoader(open_dataset(tmp_path), "train", 12)])
     assert np.allclose(stats.cond_mean.numpy(), values.mean(0), atol=1e-4)
+
+
+def test_trainer_dequantises_passed_through_int8_to_the_reader_values(tmp_path):
+    from types import SimpleNamespace
+
+    from blip3o_fast.engine.trainer import Trainer
+
+    write_int8(tmp_path, target=replace(TARGET, storage="int8"))
+    reader = next(iter(EvalLoader(open_dataset(tmp_path), "train", 12)))
+    ds = open_dataset(tmp_path)
+    ds.dequantize = "device"
+    raw = next(iter(EvalLoader(ds, "train", 12)))
+    fake = SimpleNamespace(device=torch.device("cpu"), norm=SimpleNamespace(active=False), dtype=torch.float32)
+    for got, want in zip(Trainer._inputs(fake, raw), Trainer._inputs(fake, reader)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def _files(folder) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_convert_then_train_evaluate_generate_and_inspect_an_int8_dataset(small_data, tmp_path):
+    before = _files(small_data)
+    out = tmp_path / "int8"
+    result = cli("data", "convert", "--src", str(small_data), "--out", str(out), "--storage", "int8", "--quiet")
+    assert "wrote" in result.stdout and _files(small_data) == before  # the input is only read
+    src, dst = open_dataset(small_data), open_dataset(out)
+    assert dst.cond.int8 and not dst.target.int8 and dst.split_names() == src.split_names()
+    assert (out / "head.safetensors").read_bytes() == (small_data / "head.safetensors").read_bytes()
+    assert (out / "stats.safetensors").is_file()
+    for split in src.split_names():
+        a, b = (list(EvalLoader(d, split, 64)) for d in (src, dst))
+        assert [k for x in a for k in x["key"]] == [k for x in b for k in x["key"]]
+        assert [c for x in a for c in x["captions"]] == [c for x in b for c in x["captions"]]
+        for x, y in zip(a, b):
+            assert torch.equal(x["target"], y["target"]) and torch.equal(x["text"], y["text"])
+            err = (x["cond"].float() - y["cond"].float()).norm() / x["cond"].float().norm()
+            assert 0 < err < 0.01
+    assert "int8" in cli("data", "inspect", str(out), "--samples", "8").stdout
+    written = _files(out)
+    again = cli("data", "convert", "--src", str(out), "--out", str(out), "--overwrite", check=False)
+    assert again.returncode == 2 and "never modifies" in again.stderr and _files(out) == written
+
+    run = tmp_path / "run"
+    run_train(out, run, 4, "train.eval_every=4", "train.eval_samples=8", "eval.steps=1", "eval.batch_size=8")
+    assert (run / "eval").is_dir()
+    cli("eval", "--model", str(run), "--data", str(out), "--steps", "1", "--max-samples", "8")
+    gen = tmp_path / "gen"
+    cli("generate", "--model", str(run), "--data", str(out), "--split", "eval", "--out", str(gen), "--steps", "1")
+    made = open_dataset(gen)
+    assert made.cond.int8 and made.split_samples("eval") == src.split_samples("eval")
+    assert "int8" in cli("data", "inspect", str(gen), "--samples", "8").stdout
