@@ -165,7 +165,7 @@ def _files(folder) -> dict:
 
 
 @pytest.mark.slow
-def test_convert_then_train_evaluate_generate_and_inspect_an_int8_dataset(small_data, tmp_path):
+def test_convert_then_train_evaluate_generate_and_inspect_an_int8_dataset(small_data, tmp_path):  # noqa: F811
     before = _files(small_data)
     out = tmp_path / "int8"
     result = cli("data", "convert", "--src", str(small_data), "--out", str(out), "--storage", "int8", "--quiet")
