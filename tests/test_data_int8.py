@@ -30,7 +30,7 @@ def _arrays(i: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_int8(folder, n=12, cond=None, target=None, shard_size=6) -> list[str]:
-    cond = cond or replace(COND, storage="int8")
+    cond = cond or replace(COND, storage="int8", scale="token")
     target = target or TARGET
     with ShardSetWriter(folder, "train", cond, target, TEXT, shard_size=shard_size) as w:
         for i in range(n):
@@ -74,7 +74,7 @@ def test_int8_dataset_reads_close_to_the_float16_values(tmp_path):
 
 
 def test_pass_through_dequantises_after_the_copy_to_the_same_values(tmp_path):
-    write_int8(tmp_path, target=replace(TARGET, storage="int8", scale="channel"))
+    write_int8(tmp_path, target=replace(TARGET, storage="int8"))  # the default scale: per channel
     reader = next(iter(EvalLoader(open_dataset(tmp_path), "train", 12)))
     ds = open_dataset(tmp_path)
     ds.dequantize = "device"

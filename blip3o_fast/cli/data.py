@@ -107,14 +107,14 @@ def _storage(choice: str) -> str:
     return "int8" if choice == "int8" else "float"
 
 
-def _add_storage(p, target: bool = True) -> None:
+def _add_storage(p) -> None:
     p.add_argument("--storage", choices=("float16", "int8"), default="float16",
-                   help="condition tokens as float16, or int8 with a float32 scale per token (half the bytes)")
-    if target:
-        p.add_argument("--storage-target", choices=("float16", "int8"), default="float16",
-                       help="target tokens as float16 or int8 (the generated stream: int8 costs its precision)")
-    p.add_argument("--int8-scale", choices=("token", "channel"), default="token",
-                   help="one int8 scale per token, or per channel of each sample (better with outlier channels)")
+                   help="condition tokens as float16, or int8 with float32 scales (half the bytes)")
+    p.add_argument("--storage-target", choices=("float16", "int8"), default="float16",
+                   help="target tokens as float16 or int8 (the generated stream: int8 costs its precision)")
+    p.add_argument("--int8-scale", choices=("token", "channel"), default="channel",
+                   help="one int8 scale per channel of each sample, or per token (worse with CLIP-like outlier "
+                        "channels: bench/bench_data.py)")
 
 
 def _grid(text: str) -> tuple[int, int]:

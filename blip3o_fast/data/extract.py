@@ -69,7 +69,7 @@ class ExtractOptions:
     dtype: str = "auto"
     storage: str = "float"  # of the condition tokens: float (float16) or int8 (§3.9.6)
     storage_target: str = "float"
-    int8_scale: str = "token"
+    int8_scale: str = "channel"
     text_model: str | None = None
     image_processor: str | None = None
     trust_remote_code: bool = False

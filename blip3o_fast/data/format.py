@@ -24,7 +24,7 @@ HEAD_FILE = "head.safetensors"
 STATS_FILE = "stats.safetensors"  # per-channel mean/std of the train split (data/stats.py)
 DTYPES = ("float16", "float32")
 STORAGES = ("float", "int8")  # float: members hold `dtype` values; int8: int8 values + a float32 scale (§3.9.6)
-SCALES = ("token", "channel")  # what one int8 scale covers
+SCALES = ("channel", "token")  # what one int8 scale covers (channel: of each sample; bench/bench_data.py)
 # member extensions of one sample in a shard
 COND, TARGET, TEXT, META = "cond.npy", "target.npy", "text.npy", "json"
 
@@ -50,7 +50,7 @@ class StreamSpec:
     cls: bool
     dtype: str = "float16"
     storage: str = "float"
-    scale: str = "token"
+    scale: str = "channel"
 
     @property
     def int8(self) -> bool:
@@ -156,7 +156,7 @@ def _stream(raw: Any, grid: tuple[int, int], path: Path, which: str) -> StreamSp
     storage = raw.get("storage", "float")  # manifests from before int8 storage hold floats
     if storage not in STORAGES:
         _fail(path, f"streams.{which}.storage must be one of {', '.join(STORAGES)}, got {storage!r}")
-    scale = raw.get("scale", "token")
+    scale = raw.get("scale", "channel")
     if scale not in SCALES:
         _fail(path, f"streams.{which}.scale must be one of {', '.join(SCALES)}, got {scale!r}")
     return StreamSpec(str(raw.get("name", which)), str(raw.get("model", "")), dim, tokens, cls, dtype, storage,

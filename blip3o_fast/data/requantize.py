@@ -18,7 +18,7 @@ from .writer import ShardSetWriter, prepare_output, save_manifest
 
 
 def convert_dataset(src: str | Path, out: str | Path, storage: str = "int8", storage_target: str = "float",
-                    int8_scale: str = "token", overwrite: bool = False, progress: bool = True) -> dict:
+                    int8_scale: str = "channel", overwrite: bool = False, progress: bool = True) -> dict:
     """Writes `src` to `out` with the given storage of each stream; returns {split: {samples, shards, skipped}}."""
     from tqdm import tqdm
 

@@ -63,7 +63,7 @@ class SynthSpec:
     task: str = "eva_to_clip"
     storage: str = "float"  # of the condition: float (float16) or int8 (§3.9.6)
     storage_target: str = "float"
-    int8_scale: str = "token"  # what one int8 scale covers: token or channel
+    int8_scale: str = "channel"  # what one int8 scale covers: channel (of each sample) or token
     splits: dict = field(default_factory=lambda: {"train": 0, "eval": 1})
 
     def __post_init__(self):
