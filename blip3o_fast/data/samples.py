@@ -150,7 +150,7 @@ class _Stream:
         read_npy_into(f, *members[self.scale_ext], s, np.dtype(np.float32))
         check_quantized(q, s, self.name, self.dtype)
         if not self.raw:
-            self.t[row].copy_(dequantize(self.t_q, self.t_s, self.torch_dtype))
+            dequantize(self.t_q, self.t_s, self.torch_dtype, out=self.t[row])
 
     def emit(self, batch: dict, n: int) -> None:
         batch[self.name] = self.t[:n]
