@@ -37,7 +37,16 @@ from transformers.utils import logging as hf_logging
 from ..errors import UserError
 from ..runtime.files import atomic_write_text
 from .encoders import VisionEncoder, load_clip_text, save_clip_head
-from .format import MANIFEST, DataError, StreamSpec, TextSpec, open_dataset, parse_manifest, stream_names
+from .format import (
+    MANIFEST,
+    DataError,
+    StreamSpec,
+    TextSpec,
+    check_same_storage,
+    open_dataset,
+    parse_manifest,
+    stream_names,
+)
 from .images import ImageShard, collate_images, expand_images, source_name
 from .samples import SkipStats
 from .split import check_fraction, held_out
@@ -239,7 +248,7 @@ def _image_processor(opt: ExtractOptions):
 
 
 def _check_output(out: Path, plan: Plan) -> None:
-    """A dataset already in `out` (another split, or an earlier run) must have the same streams."""
+    """A dataset already in `out` (another split, or an earlier run) must have the same streams, stored alike."""
     if not (out / MANIFEST).is_file():
         return
     old_cond, old_target, _, old_grid = parse_manifest(json.loads((out / MANIFEST).read_text()), out / MANIFEST)
@@ -250,6 +259,7 @@ def _check_output(out: Path, plan: Plan) -> None:
                         f"{old_target.tokens}x{old_target.dim} but these encoders give cond "
                         f"{plan.cond_spec.tokens}x{plan.cond_spec.dim}, target "
                         f"{plan.target_spec.tokens}x{plan.target_spec.dim}: use another --out")
+    check_same_storage(out, (old_cond, old_target), (plan.cond_spec, plan.target_spec))
 
 
 def _extract_shard(opt: ExtractOptions, plan: Plan, url: str, out: Path, bar) -> None:

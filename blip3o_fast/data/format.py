@@ -309,6 +309,15 @@ def check_compatible(dataset: Dataset, task) -> None:
                         f"set task.name={dataset.task} or {where}")
 
 
+def check_same_storage(folder: Path, was: tuple, new: tuple) -> None:
+    """A dataset folder has one storage per stream: adding shards of another would make them unreadable as
+    the manifest says. `was`, `new`: the (cond, target) StreamSpecs (target may be None)."""
+    was, new = ([(s.storage, s.scale) for s in specs if s is not None] for specs in (was, new))
+    if new != was:
+        raise DataError(f"{folder} holds a dataset stored as {was} (storage, scale of cond, target), not {new}: "
+                        f"pass the same --storage and --int8-scale or write to another --out")
+
+
 def _show(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 

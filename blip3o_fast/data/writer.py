@@ -29,6 +29,7 @@ from .format import (
     StreamSpec,
     TextSpec,
     build_manifest,
+    check_same_storage,
     parse_manifest,
     scale_member,
     write_manifest,
@@ -212,10 +213,7 @@ def save_manifest(folder: str | Path, task: str, grid, cond: StreamSpec, target:
         if new != was:
             raise DataError(f"{folder} holds a dataset of other shapes (cond, target, text, grid {was} vs {new}): "
                             f"write to another --out")
-        new, was = ([(s.storage, s.scale) for s in streams if s] for streams in ((cond, target), (o_cond, o_target)))
-        if new != was:  # one storage per stream: the other splits' shards must read the same way
-            raise DataError(f"{folder} holds a dataset stored as {was} (storage, scale of cond, target), not "
-                            f"{new}: pass the same --storage or write to another --out")
+        check_same_storage(folder, (o_cond, o_target), (cond, target))
         for name, split in old["splits"].items():
             manifest["splits"].setdefault(name, split)
     write_manifest(folder, manifest)
