@@ -182,7 +182,12 @@ def test_convert_then_train_evaluate_generate_and_inspect_an_int8_dataset(small_
             assert torch.equal(x["target"], y["target"]) and torch.equal(x["text"], y["text"])
             err = (x["cond"].float() - y["cond"].float()).norm() / x["cond"].float().norm()
             assert 0 < err < 0.01
-    assert "int8" in cli("data", "inspect", str(out), "--samples", "8").stdout
+    shown = cli("data", "inspect", str(out), "--samples", "8").stdout
+    assert "int8 + float32 scale per channel" in shown and "kB per sample" in shown
+    back = tmp_path / "float16"  # and back: float16 members holding exactly what the int8 dataset reads as
+    cli("data", "convert", "--src", str(out), "--out", str(back), "--storage", "float16", "--quiet")
+    x, y = (next(iter(EvalLoader(open_dataset(d), "eval", 64))) for d in (out, back))
+    assert not open_dataset(back).cond.int8 and torch.equal(x["cond"], y["cond"])
     written = _files(out)
     again = cli("data", "convert", "--src", str(out), "--out", str(out), "--overwrite", check=False)
     assert again.returncode == 2 and "never modifies" in again.stderr and _files(out) == written
