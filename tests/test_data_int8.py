@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import DEVICES
 from test_export import cli
 from test_train import run_train, small_data  # noqa: F401  (session fixture)
 
@@ -73,7 +74,8 @@ def test_int8_dataset_reads_close_to_the_float16_values(tmp_path):
         assert torch.equal(batch["target"][i], torch.from_numpy(t))  # float storage: bit for bit
 
 
-def test_pass_through_dequantises_after_the_copy_to_the_same_values(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_pass_through_dequantises_after_the_copy_to_the_same_values(tmp_path, device):
     write_int8(tmp_path, target=replace(TARGET, storage="int8"))  # the default scale: per channel
     reader = next(iter(EvalLoader(open_dataset(tmp_path), "train", 12)))
     ds = open_dataset(tmp_path)
@@ -82,8 +84,8 @@ def test_pass_through_dequantises_after_the_copy_to_the_same_values(tmp_path):
     assert raw["cond"].dtype == torch.int8 and raw["cond_scale"].shape == (12, 4, 1)
     assert raw["target"].dtype == torch.int8 and raw["target_scale"].shape == (12, 1, 8)
     for name in ("cond", "target"):
-        on_device = to_device(raw, name, torch.device("cpu"), torch.float16)
-        assert torch.equal(on_device, reader[name])
+        on_device = to_device(raw, name, torch.device(device), torch.float16)
+        assert on_device.device.type == device and torch.equal(on_device.cpu(), reader[name])
     train = next(iter(TrainLoader(ds, "train", 4, seed=0, shuffle_buffer=0)))
     assert train["cond"].dtype == torch.int8 and "cond_scale" in train
 
