@@ -120,7 +120,7 @@ def _damage(folder, shard: str, damage: dict) -> None:
 def test_damaged_scale_and_minus_128_are_counted_skips(tmp_path, workers):
     write_int8(tmp_path)
     shard = open_dataset(tmp_path).shards("train")[0].file
-    q, scale = quantize(_arrays(0)[0])
+    q, scale = quantize(_arrays(0)[0], "token")
     low = q.copy()
     low[1, 2] = -128
     damage = {"s000": {"cond.scale.npy": np.where(np.arange(4)[:, None] == 2, np.nan, scale).astype(np.float32)},

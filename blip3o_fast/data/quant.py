@@ -1,7 +1,8 @@
 """8-bit storage of a token stream (docs/architecture.md §3.9.6): int8 values with a float32 scale.
 
-Symmetric absmax quantisation: `scale = max|x| / 127` over each token (`scale: token`, a [N, 1] scale)
-or over each channel of the sample (`scale: channel`, [1, D]); `q = round(x / scale)` in [-127, 127].
+Symmetric absmax quantisation: `scale = max|x| / 127` over each channel of the sample (`scale: channel`,
+a [1, D] scale; the default: CLIP's outlier channels leave the rest a few levels under a per-token scale)
+or over each token (`scale: token`, [N, 1]); `q = round(x / scale)` in [-127, 127].
 -128 is never written, so a -128 read back is damage, like a scale that is not finite and positive.
 `dequantize` is the one way back, on the CPU in the reader or on the GPU after the host-to-device copy
 (half the bytes cross PCIe).
@@ -22,7 +23,7 @@ def scale_shape(tokens: int, dim: int, per: str) -> tuple[int, int]:
     return (tokens, 1) if per == "token" else (1, dim)
 
 
-def quantize(x: np.ndarray, per: str = "token") -> tuple[np.ndarray, np.ndarray]:
+def quantize(x: np.ndarray, per: str = "channel") -> tuple[np.ndarray, np.ndarray]:
     """(int8 values, float32 scale) of a finite [N, D] array; an all-zero token/channel gets scale 1."""
     x = np.asarray(x, dtype=np.float32)
     absmax = np.abs(x).max(axis=1 if per == "token" else 0, keepdims=True)
