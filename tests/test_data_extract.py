@@ -149,6 +149,23 @@ def test_extract_end_to_end(models, tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")} == before
 
 
+def test_extract_writes_int8_storage(models, tmp_path, capsys):
+    assert _extract(models, tmp_path / "f16") == 0 and _extract(models, tmp_path / "int8", "--storage", "int8") == 0
+    f16, int8 = open_dataset(tmp_path / "f16"), open_dataset(tmp_path / "int8")
+    assert int8.cond.int8 and int8.cond.scale == "channel" and not int8.target.int8 and not f16.cond.int8
+    a, b = (next(iter(EvalLoader(ds, "train", 16))) for ds in (f16, int8))
+    assert a["key"] == b["key"] and torch.equal(a["target"], b["target"])
+    err = (a["cond"].float() - b["cond"].float()).norm() / a["cond"].float().norm()
+    assert 0 < err < 0.01
+    # one storage per stream: adding to the folder with another storage is refused before any work
+    before = sorted(p.name for p in (tmp_path / "int8").rglob("*"))
+    more = make_image_tars(tmp_path / "more", shards=1, broken=())
+    assert main(["extract", "--images", more[0], "--split", "more",
+                 "--target-model", models["clip"], "--cond-model", models["vit"], "--out", str(tmp_path / "int8"),
+                 "--workers", "0", "--quiet"]) == 2
+    assert "--storage" in capsys.readouterr().err and sorted(p.name for p in (tmp_path / "int8").rglob("*")) == before
+
+
 def test_mismatched_encoders_fail_at_start(models, tmp_path, capsys):
     out = tmp_path / "a"
     assert main(["extract", "--images", os.path.dirname(models["images"][0]), "--target-model", models["clip"],

@@ -61,7 +61,7 @@ def test_open_dataset_reads_the_manifest(tmp_path):
     m = ds.manifest
     assert m["format_version"] == 1 and m["task"] == "eva_to_clip" and m["grid"] == [2, 2]
     assert m["streams"]["target"] == {"name": "clip", "model": "test", "dim": 8, "tokens": 5, "cls": True,
-                                      "dtype": "float16"}
+                                      "dtype": "float16", "storage": "float"}
     assert m["text"]["dim"] == 6 and m["splits"]["eval"]["samples"] == 13
     with pytest.raises(DataError, match="has no split 'valid'.*train, eval"):
         ds.split_samples("valid")

@@ -20,6 +20,8 @@ def run_synth(args) -> int:
                      shard_size=args.shard_size, cond_cls=args.cond_cls, captions=tuple(args.captions),
                      latent_dim=args.latent_dim, noise=args.noise, caption_noise=args.caption_noise, task=args.task,
                      outlier_channels=args.outlier_channels, outlier_scale=args.outlier_scale,
+                     storage=_storage(args.storage), storage_target=_storage(args.storage_target),
+                     int8_scale=args.int8_scale,
                      grid=tuple(preset["grid"]), cond_dim=preset["cond_dim"], target_dim=preset["target_dim"],
                      text_dim=preset["text_dim"], target_cls=preset["target_cls"])
     summary = write_synth(args.out, spec, overwrite=args.overwrite, progress=not args.quiet)
@@ -41,6 +43,17 @@ def run_convert(args) -> int:
                              clip_model=args.clip_model, overwrite=args.overwrite, progress=not args.quiet,
                              eval_fraction=args.eval_fraction)
     for split, s in summary["splits"].items():
+        print(f"{split:6s} {s['samples']:7d} samples in {s['shards']} shards, {s['skipped']} skipped")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_requantize(args) -> int:
+    from ..data.requantize import convert_dataset
+
+    summary = convert_dataset(args.src, args.out, _storage(args.storage), _storage(args.storage_target),
+                              args.int8_scale, overwrite=args.overwrite, progress=not args.quiet)
+    for split, s in summary.items():
         print(f"{split:6s} {s['samples']:7d} samples in {s['shards']} shards, {s['skipped']} skipped")
     print(f"wrote {args.out}")
     return 0
@@ -78,6 +91,7 @@ def run_extract(args) -> int:
         task=args.task, split=args.split, eval_fraction=args.eval_fraction, max_captions=args.max_captions,
         batch_size=args.batch_size, workers=args.workers,
         target_cls=args.target_cls, cond_cls=args.cond_cls, shard_size=args.shard_size, dtype=args.dtype,
+        storage=_storage(args.storage), storage_target=_storage(args.storage_target), int8_scale=args.int8_scale,
         text_model=args.text_model, image_processor=args.image_processor,
         trust_remote_code=args.trust_remote_code, progress=not args.quiet)
     summary = extract(options)
@@ -86,6 +100,21 @@ def run_extract(args) -> int:
         print(f"{summary['samples']} samples ({written}), {summary['skipped']} skipped; {args.out} now holds "
               f"{summary['sources']} extracted input shards in {summary['shards']} shards")
     return 0
+
+
+def _storage(choice: str) -> str:
+    """The CLI's float16 | int8 as the manifest's storage (float: the members hold float16)."""
+    return "int8" if choice == "int8" else "float"
+
+
+def _add_storage(p) -> None:
+    p.add_argument("--storage", choices=("float16", "int8"), default="float16",
+                   help="condition tokens as float16, or int8 with float32 scales (half the bytes)")
+    p.add_argument("--storage-target", choices=("float16", "int8"), default="float16",
+                   help="target tokens as float16 or int8 (the generated stream: int8 costs its precision)")
+    p.add_argument("--int8-scale", choices=("token", "channel"), default="channel",
+                   help="one int8 scale per channel of each sample, or per token (worse with CLIP-like outlier "
+                        "channels: bench/bench_data.py)")
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -135,6 +164,7 @@ def add_commands(sub) -> None:
                         "few huge channels (what flow.target_norm=channel is for)")
     p.add_argument("--outlier-scale", type=float, default=30.0, help="largest gain of an outlier channel")
     p.add_argument("--task", choices=TASKS, default="eva_to_clip", help="task name recorded in the manifest")
+    _add_storage(p)
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -163,6 +193,19 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_convert)
+
+    p = dsub.add_parser(
+        "convert", help="rewrite a dataset with another storage (int8: half the bytes per sample)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Reads every split of --src (validated, dequantised) and writes it to --out with the storage "
+                    "asked for, keeping keys, captions, caption embeddings, splits and the head; the statistics are "
+                    "recomputed from what is written. --src is only read.")
+    p.add_argument("--src", required=True, help="dataset folder to read")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    _add_storage(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_requantize)
 
     p = dsub.add_parser("stats", help="per-channel mean/std of a split into stats.safetensors (flow.target_norm)",
                         description="Reads every sample of the split once and writes the per-channel mean and std "
@@ -210,6 +253,7 @@ def add_commands(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="encoder precision: auto is bf16 on GPU, fp32 on CPU")
+    _add_storage(p)
     p.add_argument("--text-model", default=None,
                    help="CLIP model for caption embeddings and the head (default: whichever encoder is CLIP)")
     p.add_argument("--image-processor", default=None,

@@ -10,7 +10,9 @@ The trainer and evaluator use:
 
 Batches are dicts: `cond` float16 [B, Nc, Dc], `target` float16 [B, Nt, Dt], `key` list[str],
 `captions` list[list[str]] and, when the dataset has text, `text` float16 [B, K, Dg] (zero padded) and
-`text_mask` bool [B, K]. `loader.stats()` counts good and skipped samples and shards, by reason.
+`text_mask` bool [B, K]. `loader.stats()` counts good and skipped samples and shards, by reason. An int8
+stream (quant.py) reads as float16 too, unless `ds.dequantize = "device"`: then `cond` is int8 with
+`cond_scale` beside it, for `quant.to_device` to dequantise after the host-to-device copy.
 """
 
 from .format import (

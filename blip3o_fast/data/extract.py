@@ -37,7 +37,16 @@ from transformers.utils import logging as hf_logging
 from ..errors import UserError
 from ..runtime.files import atomic_write_text
 from .encoders import VisionEncoder, load_clip_text, save_clip_head
-from .format import MANIFEST, DataError, StreamSpec, TextSpec, open_dataset, parse_manifest, stream_names
+from .format import (
+    MANIFEST,
+    DataError,
+    StreamSpec,
+    TextSpec,
+    check_same_storage,
+    open_dataset,
+    parse_manifest,
+    stream_names,
+)
 from .images import ImageShard, collate_images, expand_images, source_name
 from .samples import SkipStats
 from .split import check_fraction, held_out
@@ -67,6 +76,9 @@ class ExtractOptions:
     cond_cls: bool = False
     shard_size: int = 1000
     dtype: str = "auto"
+    storage: str = "float"  # of the condition tokens: float (float16) or int8 (§3.9.6)
+    storage_target: str = "float"
+    int8_scale: str = "channel"
     text_model: str | None = None
     image_processor: str | None = None
     trust_remote_code: bool = False
@@ -215,8 +227,10 @@ def _plan(opt: ExtractOptions, device: torch.device, dtype: torch.dtype) -> Plan
         clip = next((e for e in (target, cond) if e.clip is not None), None)
         text = load_clip_text(clip.name, clip.clip, device) if clip else None
     return Plan(target, cond, processor, text, t_grid,
-                StreamSpec(cond_name, opt.cond_model, c_dim, n + int(opt.cond_cls), opt.cond_cls),
-                StreamSpec(target_name, opt.target_model, t_dim, n + int(opt.target_cls), opt.target_cls),
+                StreamSpec(cond_name, opt.cond_model, c_dim, n + int(opt.cond_cls), opt.cond_cls,
+                           storage=opt.storage, scale=opt.int8_scale),
+                StreamSpec(target_name, opt.target_model, t_dim, n + int(opt.target_cls), opt.target_cls,
+                           storage=opt.storage_target, scale=opt.int8_scale),
                 TextSpec(text.dim, opt.max_captions, None, text.name) if text else None,
                 drop_target_cls=t_has_cls and not opt.target_cls, drop_cond_cls=c_has_cls and not opt.cond_cls)
 
@@ -234,7 +248,7 @@ def _image_processor(opt: ExtractOptions):
 
 
 def _check_output(out: Path, plan: Plan) -> None:
-    """A dataset already in `out` (another split, or an earlier run) must have the same streams."""
+    """A dataset already in `out` (another split, or an earlier run) must have the same streams, stored alike."""
     if not (out / MANIFEST).is_file():
         return
     old_cond, old_target, _, old_grid = parse_manifest(json.loads((out / MANIFEST).read_text()), out / MANIFEST)
@@ -245,6 +259,7 @@ def _check_output(out: Path, plan: Plan) -> None:
                         f"{old_target.tokens}x{old_target.dim} but these encoders give cond "
                         f"{plan.cond_spec.tokens}x{plan.cond_spec.dim}, target "
                         f"{plan.target_spec.tokens}x{plan.target_spec.dim}: use another --out")
+    check_same_storage(out, (old_cond, old_target), (plan.cond_spec, plan.target_spec))
 
 
 def _extract_shard(opt: ExtractOptions, plan: Plan, url: str, out: Path, bar) -> None:

@@ -23,8 +23,15 @@ MANIFEST = "manifest.json"
 HEAD_FILE = "head.safetensors"
 STATS_FILE = "stats.safetensors"  # per-channel mean/std of the train split (data/stats.py)
 DTYPES = ("float16", "float32")
+STORAGES = ("float", "int8")  # float: members hold `dtype` values; int8: int8 values + a float32 scale (§3.9.6)
+SCALES = ("channel", "token")  # what one int8 scale covers (channel: of each sample; bench/bench_data.py)
 # member extensions of one sample in a shard
 COND, TARGET, TEXT, META = "cond.npy", "target.npy", "text.npy", "json"
+
+
+def scale_member(ext: str) -> str:
+    """The member holding the int8 scale of a stream member: cond.npy -> cond.scale.npy."""
+    return ext[:-len(".npy")] + ".scale.npy"
 
 
 class DataError(UserError):
@@ -33,7 +40,8 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """One token stream: `tokens` rows of `dim` features, CLS first when `cls`."""
+    """One token stream: `tokens` rows of `dim` features, CLS first when `cls`. Stored as `dtype` floats, or
+    (`storage="int8"`) as int8 values with a float32 scale per token or per channel, read back as `dtype`."""
 
     name: str
     model: str
@@ -41,10 +49,26 @@ class StreamSpec:
     tokens: int
     cls: bool
     dtype: str = "float16"
+    storage: str = "float"
+    scale: str = "channel"
+
+    @property
+    def int8(self) -> bool:
+        return self.storage == "int8"
+
+    @property
+    def bytes_per_sample(self) -> int:
+        """Payload bytes of one sample's member(s) of this stream (no .npy or tar headers)."""
+        if self.int8:
+            return self.tokens * self.dim + 4 * (self.tokens if self.scale == "token" else self.dim)
+        return self.tokens * self.dim * (2 if self.dtype == "float16" else 4)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "model": self.model, "dim": self.dim, "tokens": self.tokens,
-                "cls": self.cls, "dtype": self.dtype}
+        out = {"name": self.name, "model": self.model, "dim": self.dim, "tokens": self.tokens,
+               "cls": self.cls, "dtype": self.dtype, "storage": self.storage}
+        if self.int8:
+            out["scale"] = self.scale
+        return out
 
 
 @dataclass(frozen=True)
@@ -129,7 +153,14 @@ def _stream(raw: Any, grid: tuple[int, int], path: Path, which: str) -> StreamSp
     dtype = raw.get("dtype", "float16")
     if dtype not in DTYPES:
         _fail(path, f"streams.{which}.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return StreamSpec(str(raw.get("name", which)), str(raw.get("model", "")), dim, tokens, cls, dtype)
+    storage = raw.get("storage", "float")  # manifests from before int8 storage hold floats
+    if storage not in STORAGES:
+        _fail(path, f"streams.{which}.storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    scale = raw.get("scale", "channel")
+    if scale not in SCALES:
+        _fail(path, f"streams.{which}.scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    return StreamSpec(str(raw.get("name", which)), str(raw.get("model", "")), dim, tokens, cls, dtype, storage,
+                      scale)
 
 
 def parse_manifest(manifest: Any, path: Path) -> tuple[StreamSpec, StreamSpec | None, TextSpec | None, tuple[int, int]]:
@@ -191,6 +222,9 @@ class Dataset:
         self.manifest = manifest
         self.cond, self.target, self.text, self.grid = parse_manifest(manifest, path / MANIFEST)
         self.task: str = str(manifest["task"])
+        # where int8 streams become floats: "reader" (on the CPU, batches hold floats) or "device" (batches hold
+        # int8 values and `<name>_scale`; quant.to_device dequantises them after the host-to-device copy)
+        self.dequantize = "reader"
 
     def __repr__(self) -> str:
         splits = ", ".join(f"{n}={self.split_samples(n)}" for n in self.split_names())
@@ -273,6 +307,15 @@ def check_compatible(dataset: Dataset, task) -> None:
     if dataset.task in TASKS and dataset.task != task.name:
         raise DataError(f"task.name={task.name} but the dataset was made for {dataset.task}: "
                         f"set task.name={dataset.task} or {where}")
+
+
+def check_same_storage(folder: Path, was: tuple, new: tuple) -> None:
+    """A dataset folder has one storage per stream: adding shards of another would make them unreadable as
+    the manifest says. `was`, `new`: the (cond, target) StreamSpecs (target may be None)."""
+    was, new = ([(s.storage, s.scale) for s in specs if s is not None] for specs in (was, new))
+    if new != was:
+        raise DataError(f"{folder} holds a dataset stored as {was} (storage, scale of cond, target), not {new}: "
+                        f"pass the same --storage and --int8-scale or write to another --out")
 
 
 def _show(value: Any) -> str:

@@ -83,7 +83,9 @@ def inspect_dataset(path, verify: bool = True, samples: int = 256, as_json: bool
     for name in ds.split_names():
         shards = ds.shards(name)
         size = sum(s.path.stat().st_size for s in shards if s.path.is_file())
-        report["splits"][name] = {"samples": ds.split_samples(name), "shards": len(shards), "bytes": size,
+        count = ds.split_samples(name)
+        report["splits"][name] = {"samples": count, "shards": len(shards), "bytes": size,
+                                  "bytes_per_sample": round(size / count) if count else None,
                                   "norms": token_norms(ds, name, samples) if samples and shards else {}}
     if as_json:
         print(json.dumps(report, indent=1))
@@ -99,7 +101,9 @@ def _print(r: dict) -> None:
         if s is None:
             print(f"{which:8s} none (conditions only)")
             continue
-        print(f"{which:8s} {s['name']} ({s['model']}): [{s['tokens']}, {s['dim']}] {s['dtype']}"
+        stored = (f"int8 + float32 scale per {s['scale']} (read as {s['dtype']})" if s.get("storage") == "int8"
+                  else s["dtype"])
+        print(f"{which:8s} {s['name']} ({s['model']}): [{s['tokens']}, {s['dim']}] {stored}"
               f"{' with CLS first' if s['cls'] else ''}")
     if r["text"]:
         t = r["text"]
@@ -113,7 +117,8 @@ def _print(r: dict) -> None:
                            for k, v in st.items() if isinstance(v, dict))
         print(f"stats    {st['split']} split, {st['samples']} samples; {spread} (min / median / max)")
     for name, s in r["splits"].items():
-        print(f"split    {name}: {s['samples']} samples in {s['shards']} shards, {s['bytes'] / 1e6:.1f} MB")
+        per = f", {s['bytes_per_sample'] / 1e3:.1f} kB per sample" if s["bytes_per_sample"] else ""
+        print(f"split    {name}: {s['samples']} samples in {s['shards']} shards, {s['bytes'] / 1e6:.1f} MB{per}")
         norms = s["norms"]
         if norms:
             print(f"         token L2 norms over {norms['samples']} samples ({norms['skipped']} skipped):")

@@ -15,7 +15,8 @@ from collections import deque
 import numpy as np
 import torch
 
-from .format import COND, META, TARGET, TEXT, Dataset
+from .format import COND, META, TARGET, TEXT, Dataset, scale_member
+from .quant import check_quantized, dequantize, scale_shape
 from .tario import NpyError, SampleIndex, all_finite, read_npy_into
 
 MAX_EXAMPLES = 5
@@ -67,7 +68,8 @@ class SkipStats:
                 + (f" ({reasons})" if reasons else ""))
 
 
-_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.bool: np.bool_}
+_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.bool: np.bool_, torch.int8: np.int8}
+_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
@@ -107,34 +109,78 @@ class BufferPool:
 _POOL = BufferPool()
 
 
+class _Stream:
+    """The batch rows of one token stream. Float storage is read straight into its row; int8 storage is read
+    into scratch rows, checked and dequantised into it, or (`raw`: dequantised on the device after the copy)
+    read into int8 and scale rows passed on as `<name>` and `<name>_scale`."""
+
+    def __init__(self, name: str, ext: str, spec, batch_size: int, shared: bool, raw: bool):
+        self.name, self.ext, self.spec, self.batch_size, self.shared = name, ext, spec, batch_size, shared
+        self.shape = (spec.tokens, spec.dim)
+        self.dtype = np.dtype(spec.dtype)
+        self.torch_dtype = _TORCH[self.dtype]
+        self.raw = spec.int8 and raw
+        if spec.int8:
+            self.scale_ext = scale_member(ext)
+            self.scale_shape = scale_shape(spec.tokens, spec.dim, spec.scale)
+            if not self.raw:  # one sample's scratch: dequantised into the batch row
+                self.q, self.s = np.empty(self.shape, np.int8), np.empty(self.scale_shape, np.float32)
+                self.t_q, self.t_s = torch.from_numpy(self.q), torch.from_numpy(self.s)
+
+    @property
+    def exts(self) -> list[str]:
+        return [self.ext, self.scale_ext] if self.spec.int8 else [self.ext]
+
+    def new(self) -> None:
+        b = self.batch_size
+        self.t = _empty((b, *self.shape), torch.int8 if self.raw else self.torch_dtype, self.shared)
+        self.rows = self.t.numpy()
+        if self.raw:
+            self.t_scale = _empty((b, *self.scale_shape), torch.float32, self.shared)
+            self.scales = self.t_scale.numpy()
+
+    def read(self, f, members: dict, row: int) -> None:
+        if not self.spec.int8:
+            read_npy_into(f, *members[self.ext], self.rows[row], self.dtype)
+            if not all_finite(self.rows[row]):
+                raise NpyError("non-finite", self.name)
+            return
+        q, s = (self.rows[row], self.scales[row]) if self.raw else (self.q, self.s)
+        read_npy_into(f, *members[self.ext], q, np.dtype(np.int8))
+        read_npy_into(f, *members[self.scale_ext], s, np.dtype(np.float32))
+        check_quantized(q, s, self.name, self.dtype)
+        if not self.raw:
+            dequantize(self.t_q, self.t_s, self.torch_dtype, out=self.t[row])
+
+    def emit(self, batch: dict, n: int) -> None:
+        batch[self.name] = self.t[:n]
+        if self.raw:
+            batch[f"{self.name}_scale"] = self.t_scale[:n]
+
+
 class BatchBuilder:
     """Fills batches of `batch_size` samples, one validated sample at a time."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shared: bool = False):
         self.batch_size = batch_size
         self.shared = shared
-        self.cond_shape = (dataset.cond_tokens, dataset.cond_dim)
-        self.cond_dtype = np.dtype(dataset.cond.dtype)
+        raw = dataset.dequantize == "device"
+        self.streams = [_Stream("cond", COND, dataset.cond, batch_size, shared, raw)]
         self.has_target = dataset.target is not None  # a conditions-only dataset: batches without "target"
         if self.has_target:
-            self.target_shape = (dataset.target_tokens, dataset.target_dim)
-            self.target_dtype = np.dtype(dataset.target.dtype)
+            self.streams.append(_Stream("target", TARGET, dataset.target, batch_size, shared, raw))
         self.text = dataset.text
-        self.required = [COND] + ([TARGET] if self.has_target else []) + ([TEXT] if self.text is not None else [])
+        self.required = [e for st in self.streams for e in st.exts] + ([TEXT] if self.text is not None else [])
         self._new()
 
     def _new(self) -> None:
         b = self.batch_size
-        tdt = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
-        self.t_cond = _empty((b, *self.cond_shape), tdt[self.cond_dtype], self.shared)
-        self.cond = self.t_cond.numpy()
-        if self.has_target:
-            self.t_target = _empty((b, *self.target_shape), tdt[self.target_dtype], self.shared)
-            self.target = self.t_target.numpy()
+        for stream in self.streams:
+            stream.new()
         if self.text is not None:
             k = max(self.text.max_captions, 1)
             self.text_dtype = np.dtype(self.text.dtype)
-            self.t_text = _empty((b, k, self.text.dim), tdt[self.text_dtype], self.shared)
+            self.t_text = _empty((b, k, self.text.dim), _TORCH[self.text_dtype], self.shared)
             self.t_mask = _empty((b, k), torch.bool, self.shared)
             self.text_rows, self.mask = self.t_text.numpy(), self.t_mask.numpy()
         self.keys: list[str] = []
@@ -156,13 +202,8 @@ class BatchBuilder:
             if ext not in sample.members:
                 raise NpyError("missing member", f".{ext}")
         row = len(self.keys)
-        read_npy_into(f, *sample.members[COND], self.cond[row], self.cond_dtype)
-        if not all_finite(self.cond[row]):
-            raise NpyError("non-finite", "cond")
-        if self.has_target:
-            read_npy_into(f, *sample.members[TARGET], self.target[row], self.target_dtype)
-            if not all_finite(self.target[row]):
-                raise NpyError("non-finite", "target")
+        for stream in self.streams:
+            stream.read(f, sample.members, row)
         if self.text is not None:
             text = self.text_rows[row]
             k = read_npy_into(f, *sample.members[TEXT], text, self.text_dtype, max_rows=self.text.max_captions)
@@ -186,9 +227,9 @@ class BatchBuilder:
     def emit(self) -> dict:
         """The batch so far (fewer rows than batch_size at the end of a pass); starts a new one."""
         n = len(self.keys)
-        batch = {"cond": self.t_cond[:n], "key": self.keys, "captions": self.captions}
-        if self.has_target:
-            batch["target"] = self.t_target[:n]
+        batch = {"key": self.keys, "captions": self.captions}
+        for stream in self.streams:
+            stream.emit(batch, n)
         if self.text is not None:
             batch["text"], batch["text_mask"] = self.t_text[:n], self.t_mask[:n]
         self._new()

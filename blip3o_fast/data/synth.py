@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import StreamSpec, TextSpec, stream_names
+from .format import SCALES, STORAGES, StreamSpec, TextSpec, stream_names
 from .head import save_head
 from .writer import ShardSetWriter, prepare_output, save_manifest
 
@@ -61,6 +61,9 @@ class SynthSpec:
     outlier_channels: int = 0
     outlier_scale: float = 30.0
     task: str = "eva_to_clip"
+    storage: str = "float"  # of the condition: float (float16) or int8 (§3.9.6)
+    storage_target: str = "float"
+    int8_scale: str = "channel"  # what one int8 scale covers: channel (of each sample) or token
     splits: dict = field(default_factory=lambda: {"train": 0, "eval": 1})
 
     def __post_init__(self):
@@ -76,6 +79,8 @@ class SynthSpec:
             (self.noise >= 0 and self.caption_noise >= 0, "noise levels must be >= 0"),
             (0 <= self.outlier_channels <= min(self.cond_dim, self.target_dim) and self.outlier_scale > 0,
              "--outlier-channels must be in [0, min(cond dim, target dim)] and --outlier-scale > 0"),
+            ({self.storage, self.storage_target} <= set(STORAGES) and self.int8_scale in SCALES,
+             f"storage must be one of {', '.join(STORAGES)} and the int8 scale one of {', '.join(SCALES)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -198,8 +203,10 @@ def write_synth(out: str | Path, spec: SynthSpec, overwrite: bool = False, progr
     gh, gw = spec.grid
     cond_name, target_name = stream_names(spec.task)
     model = f"synthetic(seed={spec.seed})"
-    cond = StreamSpec(cond_name, model, spec.cond_dim, gh * gw + int(spec.cond_cls), spec.cond_cls)
-    target = StreamSpec(target_name, model, spec.target_dim, gh * gw + int(spec.target_cls), spec.target_cls)
+    cond = StreamSpec(cond_name, model, spec.cond_dim, gh * gw + int(spec.cond_cls), spec.cond_cls,
+                      storage=spec.storage, scale=spec.int8_scale)
+    target = StreamSpec(target_name, model, spec.target_dim, gh * gw + int(spec.target_cls), spec.target_cls,
+                        storage=spec.storage_target, scale=spec.int8_scale)
     per = spec.captions[0] if spec.captions[0] == spec.captions[1] else None
     text = TextSpec(spec.text_dim, spec.captions[1], per, model)
     save_head(folder, world.ln_weight, world.ln_bias, world.projection, 1e-5)

@@ -29,9 +29,12 @@ from .format import (
     StreamSpec,
     TextSpec,
     build_manifest,
+    check_same_storage,
     parse_manifest,
+    scale_member,
     write_manifest,
 )
+from .quant import dequantize_array, quantize
 from .samples import SkipStats
 from .stats import ChannelStats, DatasetStats, save_stats
 from .tario import all_finite
@@ -113,31 +116,41 @@ class ShardSetWriter:
             raise ValueError(f"non-finite: {name} (after the cast to float16)")
         return x
 
+    def _store(self, sample: dict, ext: str, x: np.ndarray, spec: StreamSpec) -> np.ndarray:
+        """Puts the checked float16 `x` into the sample as the stream stores it; returns what a reader gets back."""
+        if not spec.int8:
+            sample[ext] = x
+            return x
+        q, scale = quantize(x, spec.scale)
+        back = dequantize_array(q, scale, np.dtype(spec.dtype))
+        if not all_finite(back):  # a token at the edge of float16's range can round past it
+            raise ValueError(f"non-finite: {ext} (after int8 quantisation)")
+        sample[ext], sample[scale_member(ext)] = q, scale
+        return back
+
     def write(self, key: str, cond, target, text=None, captions=(), source=None) -> bool:
-        """Writes one sample (cast to float16); False (and counted) when it fails the checks. Without a target
-        stream (conditions only) `target` must be None."""
+        """Writes one sample (cast to float16, then quantised for an int8 stream); False (and counted) when it
+        fails the checks. Without a target stream (conditions only) `target` must be None."""
         try:
-            sample = {
-                "__key__": safe_key(key),
-                COND: self._check("cond", cond, self.cond.tokens, self.cond.dim),
-                META: {"key": str(key), "captions": [str(c) for c in captions], "source": source},
-            }
+            sample = {"__key__": safe_key(key)}
+            read = [self._store(sample, COND, self._check("cond", cond, self.cond.tokens, self.cond.dim), self.cond)]
             if self.target is not None:
-                sample[TARGET] = self._check("target", target, self.target.tokens, self.target.dim)
+                read.append(self._store(sample, TARGET, self._check("target", target, self.target.tokens,
+                                                                    self.target.dim), self.target))
             elif target is not None:
                 raise ValueError("bad sample: a target for a conditions-only dataset")
             if self.text is not None:
                 sample[TEXT] = self._check("text", np.zeros((0, self.text.dim)) if text is None else text,
                                            None, self.text.dim, self.text.max_captions)
+            sample[META] = {"key": str(key), "captions": [str(c) for c in captions], "source": source}
         except ValueError as e:
             reason, _, detail = str(e).partition(": ")
             self.stats.skip_sample(reason, f"{key} ({detail})")
             return False
         self._writer.write(sample)
         self.stats.samples += 1
-        self.channels[0].add(sample[COND])
-        if self.channels[1] is not None:
-            self.channels[1].add(sample[TARGET])
+        for channels, values in zip(self.channels, read):  # the values as read back (dequantised when int8)
+            channels.add(values)
         return True
 
     def close(self) -> list[dict]:
@@ -200,6 +213,7 @@ def save_manifest(folder: str | Path, task: str, grid, cond: StreamSpec, target:
         if new != was:
             raise DataError(f"{folder} holds a dataset of other shapes (cond, target, text, grid {was} vs {new}): "
                             f"write to another --out")
+        check_same_storage(folder, (o_cond, o_target), (cond, target))
         for name, split in old["splits"].items():
             manifest["splits"].setdefault(name, split)
     write_manifest(folder, manifest)

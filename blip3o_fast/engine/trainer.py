@@ -32,6 +32,7 @@ import torch
 
 from .. import data
 from ..config import RunConfig
+from ..data.quant import to_device
 from ..errors import UserError
 from ..model import DiT
 from ..model.flow import training_loss
@@ -75,6 +76,8 @@ class Trainer:
             check_same_experiment(checkpoint, cfg.to_dict())
         # data next: a bad dataset fails before anything heavy is built
         self.dataset = data.open_dataset(cfg.data.path)
+        # int8 streams cross to a GPU as int8 (half the bytes) and are dequantised there; on a CPU the reader does it
+        self.dataset.dequantize = "device" if self.device.type == "cuda" else "reader"
         data.check_compatible(self.dataset, cfg.task)
         if cfg.train.eval_every > 0:  # fail now, not at the first evaluation hours in
             check_eval_split(cfg, self.dataset)
@@ -201,8 +204,8 @@ class Trainer:
     def _inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch on the device, normalised (§3.1.1): the target in float32 or float16, the cond in the compute
         dtype. Normalised in float32: a cast back to float16 would round the normalised values again."""
-        target = batch["target"].to(self.device, non_blocking=True)
-        cond = batch["cond"].to(self.device, non_blocking=True)
+        target = to_device(batch, "target", self.device, non_blocking=True)
+        cond = to_device(batch, "cond", self.device, non_blocking=True)
         if self.norm.active:
             target, cond = self.norm.target(target.float()), self.norm.cond(cond.float())
         return target, cond.to(self.dtype)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import Dataset, EvalLoader, read_head, read_stats
+from ..data.quant import to_device
 from ..errors import UserError
 from ..model import DiT
 from ..model.flow import sample
@@ -152,8 +153,8 @@ def evaluate(model, dataset: Dataset, cfg, dist_info: distributed.Dist, split: s
     seen = 0
     model.eval()
     for batch_index, batch in enumerate(loader):
-        target = batch["target"].to(device, torch.float32)
-        cond = norm.cond(batch["cond"].to(device, torch.float32)).to(dtype)
+        target = to_device(batch, "target", device, torch.float32)
+        cond = norm.cond(to_device(batch, "cond", device, torch.float32)).to(dtype)
         if budget is not None:
             if seen >= budget:
                 break
@@ -196,7 +197,7 @@ def evaluate(model, dataset: Dataset, cfg, dist_info: distributed.Dist, split: s
     seen = 0
     for batch in EvalLoader(dataset, split, cfg.eval.batch_size, dist_info.rank, dist_info.world_size,
                             cfg.data.num_workers, pin_memory=pin):
-        target = batch["target"].to(device, torch.float32)
+        target = to_device(batch, "target", device, torch.float32)
         if budget is not None:
             if seen >= budget:
                 break
