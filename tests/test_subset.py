@@ -1,15 +1,20 @@
-"""`data subset` (docs/architecture.md §3.9.7): the first N samples of a split copied byte for byte (float16 and
-int8), their own statistics, one-line errors that write nothing."""
+"""`data subset` and the overfit mode (docs/architecture.md §3.9.7): the first N samples of a split copied byte for
+byte (float16 and int8), their own statistics, one-line errors that write nothing, and the shipped `overfit` config
+memorising its samples through the CLI."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from test_export import cli
 
 from blip3o_fast.cli import main
+from blip3o_fast.config import load_config
 from blip3o_fast.data import EvalLoader, open_dataset, read_stats
 from blip3o_fast.data.synth import SynthSpec, write_synth
 from blip3o_fast.data.tario import index_shard
@@ -169,3 +174,33 @@ def test_errors_are_one_line_and_write_nothing(source, tmp_path, capsys, case, m
     assert err.count("\n") == 1 and err.startswith("blip3o-fast data: error: ")
     assert message.format(src=source, out=out) in err
     assert _snapshot(source) == before and _snapshot(out) == mine
+
+
+def test_the_overfit_config_trains_and_evaluates_on_the_same_samples(capsys):
+    assert main(["config", "list"]) == 0
+    assert any(line.startswith("overfit ") for line in capsys.readouterr().out.splitlines())
+    cfg = load_config("overfit")
+    assert cfg.data.eval_split == cfg.data.train_split == "train" and cfg.data.path == "demo/overfit"
+    assert cfg.data.batch_size == cfg.train.eval_samples == 16  # N: every step and every evaluation sees all of them
+    assert cfg.model.cond_drop == 0 and cfg.flow.contrastive_weight == 0
+    demo = load_config("demo")
+    assert cfg.model == replace(demo.model, cond_drop=0.0) and cfg.task == demo.task  # the demo's model and task
+    assert cfg.train.eval_every == cfg.train.steps  # one evaluation, at the end
+
+
+@pytest.mark.slow
+def test_overfit_mode_memorises_its_samples_through_the_cli(tmp_path):
+    """`make overfit` as it runs: the demo data, its first 16 train samples, the shipped config (its steps, one
+    thread), then `eval` on the train split: patch cosine >= 0.99 on the samples trained on."""
+    data, sub, run = tmp_path / "data", tmp_path / "overfit", tmp_path / "run"
+    cli("data", "synth", "--out", str(data), "--quiet")
+    cli("data", "subset", str(data), "--out", str(sub), "--samples", "16", "--quiet")
+    cli("train", "--config", "overfit", "--out", str(run), f"data.path={sub}")
+    during = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    during = [r for r in during if r["kind"] == "eval"]
+    assert len(during) == 1 and during[0]["patch_cosine"] >= 0.99
+    shown = cli("eval", "--run", str(run), "--split", "train").stdout
+    assert "16 samples of split 'train'" in shown
+    report = json.loads((run / "eval" / "step-0000400-euler20.json").read_text())
+    assert (report["split"], report["samples"], report["total_in_split"]) == ("train", 16, 16)
+    assert report["metrics"]["patch_cosine"]["model"] >= 0.99
