@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 .PHONY: setup build test test-fast lint cpp-test simt-build simt-test clang-format-check cuda-check gpu-check-dry \
-	bench demo clean
+	bench demo overfit clean
 
 # the main job on the embedded default: synthetic shards -> train the tiny DiT -> evaluate
 DEMO_DIR ?= demo
@@ -101,6 +101,20 @@ demo: setup
 	$(PY) -m blip3o_fast.cli train --config demo --out $(DEMO_DIR)/run data.path=$(DEMO_DIR)/data $(DEMO_ARGS)
 	$(PY) -m blip3o_fast.cli eval --run $(DEMO_DIR)/run $(EVAL_ARGS)
 	@echo "loss curve: $(DEMO_DIR)/run/loss.png   metrics: $(DEMO_DIR)/run/metrics.jsonl"
+
+# the overfit check (issue 19): can the model memorise OVERFIT_SAMPLES training samples? The first of the demo's
+# train split, trained with batch = those samples and evaluated on them (patch cosine >= 0.99 expected). The run
+# folder is always trained afresh: a stale one would report another model's memory.
+OVERFIT_SAMPLES ?= 16
+OVERFIT_ARGS ?=
+overfit: setup
+	test -f $(DEMO_DIR)/data/manifest.json || $(PY) -m blip3o_fast.cli data synth --out $(DEMO_DIR)/data
+	$(PY) -m blip3o_fast.cli data subset $(DEMO_DIR)/data --out $(DEMO_DIR)/overfit --samples $(OVERFIT_SAMPLES) \
+		--overwrite --quiet
+	rm -rf $(DEMO_DIR)/overfit-run
+	$(PY) -m blip3o_fast.cli train --config overfit --out $(DEMO_DIR)/overfit-run data.path=$(DEMO_DIR)/overfit \
+		data.batch_size=$(OVERFIT_SAMPLES) train.eval_samples=$(OVERFIT_SAMPLES) $(OVERFIT_ARGS)
+	$(PY) -m blip3o_fast.cli eval --run $(DEMO_DIR)/overfit-run --split train $(EVAL_ARGS)
 
 clean:
 	rm -rf build blip3o_fast/_C*.so blip3o_fast/_C.build.json

@@ -1,5 +1,5 @@
-"""`blip3o-fast data synth|convert-chunks|inspect` and `blip3o-fast extract` (argparse only; the work
-is imported inside each command so `blip3o-fast --help` stays fast)."""
+"""`blip3o-fast data synth|convert-chunks|convert|subset|stats|inspect` and `blip3o-fast extract` (argparse only;
+the work is imported inside each command so `blip3o-fast --help` stays fast)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,18 @@ def run_requantize(args) -> int:
                               args.int8_scale, overwrite=args.overwrite, progress=not args.quiet)
     for split, s in summary.items():
         print(f"{split:6s} {s['samples']:7d} samples in {s['shards']} shards, {s['skipped']} skipped")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_subset(args) -> int:
+    from ..data.subset import subset_dataset
+
+    summary = subset_dataset(args.path, args.out, args.samples, split=args.split, overwrite=args.overwrite,
+                             progress=not args.quiet)
+    skipped = f", {summary['skipped']} bad samples skipped" if summary["skipped"] else ""
+    print(f"train  {summary['samples']:7d} samples (the first of split {args.split!r}) in {summary['shards']} "
+          f"shards{skipped}")
     print(f"wrote {args.out}")
     return 0
 
@@ -206,6 +218,21 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_requantize)
+
+    p = dsub.add_parser(
+        "subset", help="the first N samples of a split as a new dataset (the overfit mode's data)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Copies the first N samples of one split, in the order evaluation reads them, into --out as "
+                    "its split 'train': the stored bytes unchanged (float16 or int8), with captions, the head and "
+                    "statistics computed for the subset. `train --config overfit` trains on such a subset and "
+                    "evaluates on the same samples (`make overfit`). DATASET is only read.")
+    p.add_argument("path", metavar="DATASET", help="dataset folder to read")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--samples", type=int, required=True, help="N: how many samples to keep")
+    p.add_argument("--split", default="train", help="split the samples come from")
+    p.add_argument("--overwrite", action="store_true", help="replace what is already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_subset)
 
     p = dsub.add_parser("stats", help="per-channel mean/std of a split into stats.safetensors (flow.target_norm)",
                         description="Reads every sample of the split once and writes the per-channel mean and std "

@@ -153,6 +153,16 @@ class ShardSetWriter:
             channels.add(values)
         return True
 
+    def write_stored(self, key: str, members: dict[str, bytes], values: list) -> None:
+        """Writes one sample whose members are already encoded as this writer's streams store them (`data subset`
+        copies a source's checked bytes unchanged); `values`: its cond (and target) tokens as a reader gets them
+        back, for the statistics."""
+        self._writer.write({"__key__": safe_key(key), **members})
+        self.stats.samples += 1
+        for channels, rows in zip(self.channels, values):
+            if channels is not None:
+                channels.add(rows)
+
     def close(self) -> list[dict]:
         """Finishes the last shard; returns the records [{file, samples, sha256}] in order."""
         if self._writer is not None:
