@@ -162,6 +162,45 @@ def test_cls_tokens_get_a_learned_type_embedding_only_without_position_tables():
     assert with_table.target_cls_embed is None and with_table.cond_cls_embed is None
 
 
+@pytest.mark.parametrize("target_cls,cond_cls", [(True, False), (True, True), (False, True), (False, False)])
+def test_cond_add_gives_each_target_token_its_own_grid_cells_condition(target_cls, cond_cls):
+    """model.cond_add: target token (r, c) gets the projection of condition patch (r, c); the target CLS gets the
+    condition CLS, else the patch mean; a dropped condition adds nothing."""
+    task = TaskConfig(cond_dim=24, target_dim=16, grid=(3, 4), target_cls=target_cls, cond_cls=cond_cls)
+    model = randomize(small_model(task, cond_add=True))
+    assert model.cond_add is not None and small_model(task).cond_add is None
+    _, _, cond = inputs(task)
+    projected = model.cond_add(cond)
+    aligned = model._aligned_cond(projected, None)
+    assert aligned.shape == (3, task.target_tokens, 32)
+    patches = projected[:, int(cond_cls):]
+    torch.testing.assert_close(aligned[:, int(target_cls):], patches, rtol=0, atol=0)
+    if target_cls:
+        expected_cls = projected[:, 0] if cond_cls else patches.mean(1)
+        torch.testing.assert_close(aligned[:, 0], expected_cls, rtol=0, atol=0)
+    drop = torch.tensor([True, False, True])
+    dropped = model._aligned_cond(projected, drop)
+    assert dropped[drop].abs().max() == 0 and torch.equal(dropped[~drop], aligned[~drop])
+
+
+def test_cond_add_moves_each_target_token_with_its_own_patch_only():
+    """Changing condition patch k changes target token k through the added projection: with cross-attention and
+    self-attention closed (zero gates), no other token moves. The weights learn from the loss."""
+    task = TaskConfig(cond_dim=24, target_dim=16, grid=(3, 4))
+    model = randomize(small_model(task, cond_add=True))
+    with torch.no_grad():
+        for block in model.blocks:  # every block's residual branches closed: token k sees only its own inputs
+            block.adaLN_modulation[-1].weight.zero_()
+            block.adaLN_modulation[-1].bias.zero_()
+    x_t, t, cond = inputs(task)
+    moved = cond.clone()
+    moved[:, 5] += 1.0
+    delta = (model(x_t, t, moved) - model(x_t, t, cond)).abs().amax(dim=(0, 2))
+    assert delta[5] > 1e-3 and torch.count_nonzero(delta) == 1
+    model(x_t, t, cond).square().sum().backward()
+    assert model.cond_add.weight.grad.abs().sum() > 0
+
+
 def test_self_attention_is_position_aware_through_rope():
     """Permuting target tokens must change the output of a RoPE model (it would not without positions)."""
     task = replace(SMALL_TASK, target_cls=False)

@@ -89,6 +89,10 @@ class ModelConfig:
     rope_cross: bool = True
     """RoPE on cross-attention q (target, p_t=0) and k (condition, p_t=1); without it both streams get
     learned position tables so a target patch can still find its condition patch"""
+    cond_add: bool = False
+    """also add a projection of each condition patch to the target token of the same grid cell (the target CLS
+    gets the patch mean, or the condition CLS): every target token starts from its own patch's condition instead
+    of having to find it through cross-attention (docs/recipe.md measures it)"""
     rope_sections: tuple[int, int, int] | None = None
     """(d_t, d_h, d_w) split of the head dim; default D/4 for t, the rest split between h and w"""
     rope_theta: float = 10000.0

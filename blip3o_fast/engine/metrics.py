@@ -42,7 +42,7 @@ def train_flops_per_sample(model) -> float:
     """Matmul FLOPs of one training sample (forward + backward = 3 x forward, 2 FLOPs per MAC).
 
     Per sample, with Nt target and Nc condition tokens, hidden H, depth L, MLP width F:
-      in/out projections  2·Nt·Dt·H · 2          condition embedding  2·Nc·Dc·H
+      in/out projections  2·Nt·Dt·H · 2          condition embedding  2·Nc·Dc·H (twice with cond_add)
       cross-attention K/V 2·Nc·H·2H·L            timestep MLP + AdaLN  2·(256H + H² + 9H²·L + 2H²)
       per block: self qkv 6·Nt·H², self scores + values 4·Nt²·H, projections 2·2·Nt·H²,
                  cross q 2·Nt·H², cross scores + values 4·Nt·Nc·H, MLP 6·Nt·H·F (SwiGLU) or 4·Nt·H·F
@@ -53,7 +53,8 @@ def train_flops_per_sample(model) -> float:
     F = model.blocks[0].mlp.w2.in_features
     mlp = (6 if cfg.mlp == "swiglu" else 4) * Nt * H * F
     block = 6 * Nt * H * H + 4 * Nt * Nt * H + 4 * Nt * H * H + 2 * Nt * H * H + 4 * Nt * Nc * H + mlp
-    forward = (4 * Nt * task.target_dim * H + 2 * Nc * task.cond_dim * H + 4 * Nc * H * H * L
+    cond_in = (2 if cfg.cond_add else 1) * 2 * Nc * task.cond_dim * H  # cond_embed [+ cond_add]
+    forward = (4 * Nt * task.target_dim * H + cond_in + 4 * Nc * H * H * L
                + 2 * (256 * H + H * H + 9 * H * H * L + 2 * H * H) + L * block)
     return 3.0 * forward
 

@@ -1,6 +1,7 @@
 """The DiT (docs/architecture.md §3.7): AdaLN-Zero blocks with self-attention, cross-attention to the condition, MLP.
 
-    x = in_proj(x_t)                        target tokens [B, Nt, Dt] -> [B, Nt, H]
+    x = in_proj(x_t) [+ cond_add(cond)]     target tokens [B, Nt, Dt] -> [B, Nt, H], plus (model.cond_add) the
+                                            projection of the condition patch of the same grid cell
     c = t_embedder(t)                       MLP(sinusoid(1000·t)): the AdaLN conditioning [B, H]
     e = cond_embed(cond) | null_cond        once per step, shared by every block's cross-attention
     kv = cond_kv(e)                         all blocks' cross-attention K and V in one GEMM
@@ -182,6 +183,7 @@ class DiT(nn.Module):
         H = model.hidden_size
         self.in_proj = nn.Linear(task.target_dim, H)
         self.t_embedder = TimestepEmbedder(H)
+        self.cond_add = nn.Linear(task.cond_dim, H) if model.cond_add else None
         self.cond_embed = nn.Sequential(nn.Linear(task.cond_dim, H), nn.LayerNorm(H, eps=model.norm_eps))
         self.null_cond = nn.Parameter(torch.zeros(task.cond_tokens, H))  # the "no condition" of CFG
         # learned positions only where RoPE does not relate the streams (docs/architecture.md §3.7.2)
@@ -241,6 +243,18 @@ class DiT(nn.Module):
             raise UserError(f"DiT batch mismatch: x_t {list(x_t.shape)}, t {list(t.shape)}, cond {list(cond.shape)}"
                             + (f", drop_cond {list(drop_cond.shape)}" if drop_cond is not None else ""))
 
+    def _aligned_cond(self, a: Tensor, drop_cond: Tensor | None) -> Tensor:
+        """Projected condition tokens a [B, Nc, H] laid out as the target tokens [B, Nt, H]: patch for patch (both
+        streams share task.grid); the target CLS gets the condition CLS or the patch mean. Dropped rows are 0."""
+        task = self.task
+        patches = a[:, int(task.cond_cls):]
+        if task.target_cls:
+            cls = a[:, :1] if task.cond_cls else patches.mean(1, keepdim=True)
+            patches = torch.cat((cls, patches), dim=1)
+        if drop_cond is not None:  # the null condition adds nothing: CFG's unconditional branch sees no patch
+            patches = patches.masked_fill(drop_cond.view(-1, 1, 1), 0.0)
+        return patches
+
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor, drop_cond: Tensor | None = None) -> Tensor:
         """velocity [B, Nt, Dt] at (x_t [B, Nt, Dt], t [B]) given cond [B, Nc, Dc]; drop_cond [B] True -> null."""
         self._check_inputs(x_t, t, cond, drop_cond)
@@ -253,6 +267,8 @@ class DiT(nn.Module):
             x = x + self.pos_embed
         if self.target_cls_embed is not None:  # added to row 0 only; pad's backward is a slice, cat's a copy
             x = x + F.pad(self.target_cls_embed[None], (0, 0, 0, x.shape[1] - 1))
+        if self.cond_add is not None:
+            x = x + self._aligned_cond(self.cond_add(cond.to(dtype)), drop_cond)
         c = self.t_embedder(t)
         e = self.cond_embed(cond.to(dtype))
         if drop_cond is not None:
