@@ -233,6 +233,40 @@ def test_loss_weights_samples():
     torch.testing.assert_close(loss, (weight * per_sample).sum() / 3, rtol=1e-12, atol=0)
 
 
+def test_cls_loss_weight_adds_the_cls_tokens_own_weighted_error():
+    """loss = the plain mean + w·(per-sample weighted) mean of the CLS token's squared velocity error."""
+    x1 = torch.randn(3, TASK.target_tokens, TASK.target_dim, dtype=torch.float64)
+    cond = torch.randn(3, TASK.cond_tokens, TASK.cond_dim)
+    model = Oracle(torch.zeros_like(x1))
+    weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    cfg = FlowConfig(timestep_sampling="uniform", cls_loss_weight=3.0)
+    loss, metrics = flow.training_loss(model, x1, cond, cfg, torch.Generator().manual_seed(0), weight=weight)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(x1.shape, generator=g, dtype=torch.float64)
+    t = torch.rand(3, generator=g).double()
+    v = -reference.flow_interpolate(x1, x0, t) / (1 - t)[:, None, None]
+    err = (v - (x1 - x0)).pow(2)
+    want = (weight * err.mean(dim=(1, 2))).sum() / 3 + 3.0 * (weight * err[:, 0].mean(-1)).sum() / 3
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(metrics["cls_mse"], err[:, 0].mean(-1).mean())
+    assert "cls_mse" not in flow.training_loss(model, x1, cond, replace(cfg, cls_loss_weight=0.0),
+                                               torch.Generator().manual_seed(0))[1]
+
+
+def test_cls_loss_weight_without_a_target_cls_is_a_one_line_error():
+    from blip3o_fast.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="task.target_cls") as err:
+        RunConfig(task=TaskConfig(target_cls=False), flow=FlowConfig(cls_loss_weight=1.0))
+    assert "\n" not in str(err.value)
+    no_cls = replace(TASK, target_cls=False)
+    x1 = torch.randn(2, no_cls.target_tokens, no_cls.target_dim)
+    model = Oracle(x1)
+    model.task = no_cls
+    with pytest.raises(UserError, match="target_cls"):
+        flow.training_loss(model, x1, torch.randn(2, 12, 24), FlowConfig(cls_loss_weight=1.0), None)
+
+
 def test_loss_rejects_a_target_that_does_not_fit_the_task():
     x1 = torch.randn(2, TASK.target_tokens - 1, TASK.target_dim)
     with pytest.raises(UserError, match="target") as err:

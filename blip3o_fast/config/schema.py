@@ -152,6 +152,9 @@ class FlowConfig:
     """weight of the auxiliary InfoNCE term on global embeddings of x̂1 (off by default)"""
     contrastive_temperature: float = 0.07
     """temperature of that InfoNCE term"""
+    cls_loss_weight: float = 0.0
+    """extra weight of the target CLS token's velocity error: loss += w·mean((v - u)²) over the CLS token alone. In
+    the plain mean the CLS is 1 of Nt tokens, yet the image embedding (retrieval) is made from it alone"""
     head: str = "cls"
     """global embedding for retrieval: cls (CLS token through the head) or mean (patch mean through it)"""
     target_norm: str = "none"
@@ -167,6 +170,7 @@ class FlowConfig:
         _one_of(self.cond_norm, NORM_MODES, "flow.cond_norm")
         _require(self.logit_std > 0 and self.beta_a > 0 and self.beta_b > 0,
                  "flow.logit_std, flow.beta_a and flow.beta_b must be positive")
+        _require(self.cls_loss_weight >= 0, f"flow.cls_loss_weight must be >= 0, got {self.cls_loss_weight}")
         _require(self.contrastive_weight >= 0 and self.contrastive_temperature > 0,
                  "flow.contrastive_weight must be >= 0 and flow.contrastive_temperature > 0")
 
@@ -319,6 +323,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _require(self.flow.cls_loss_weight == 0 or self.task.target_cls,
+                 "flow.cls_loss_weight > 0 weighs the target CLS token, but task.target_cls is false; set it to 0")
 
     def to_dict(self) -> dict:
         return plain(dataclasses.asdict(self))

@@ -133,6 +133,13 @@ def training_loss(
     loss, per_sample_mse, per_sample_cos = o.flow_matching_loss(v.to(acc), x1, x0, t, weight)
     metrics = {"mse": per_sample_mse.detach().mean(), "velocity_cos": per_sample_cos.detach().mean()}
 
+    if cfg.cls_loss_weight > 0:
+        if not task.target_cls:
+            raise UserError("flow.cls_loss_weight > 0 needs target tokens with the CLS first (task.target_cls=true)")
+        cls_mse = (v[:, 0].to(acc) - (x1[:, 0] - x0[:, 0])).pow(2).mean(-1)  # [B], weighted as the main term
+        loss = loss + cfg.cls_loss_weight * (cls_mse if weight is None else weight.to(acc) * cls_mse).sum() / batch
+        metrics["cls_mse"] = cls_mse.detach().mean()
+
     if cfg.contrastive_weight > 0:
         x1_hat = x_t + (1 - t).to(v.dtype)[:, None, None] * v  # the clean sample the velocity points at
         back = denormalize or (lambda x: x)
