@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/bench_recipe.py --budget 150 --out docs/recipe-table.md
     .venv/bin/python bench/bench_recipe.py --only baseline recipe        # a subset
+    .venv/bin/python bench/bench_recipe.py --jobs 2                      # two variants at a time (2 cores)
 
 Every variant is the shipped demo config (blip3o_fast/configs/demo.yaml) plus its overrides. Its step count is
 fitted to the budget: a 30-step probe measures the variant's CPU seconds per step (its own model size, batch and
 flow), then it trains `budget / (s/step)` steps from scratch (so its LR schedule ends where the budget does), and
 `blip3o-fast eval` scores the held-out split: patch cosine and Recall@1 beside the oracle's. CPU time is the
-training process's user + system time (resource.getrusage of the children), with one thread
-(OMP_NUM_THREADS=1), so a busy shared machine changes wall time, not the budget. Runs go one at a time.
+training process's user + system time (its rusage from os.wait4), with one thread
+(OMP_NUM_THREADS=1), so a busy shared machine changes wall time, not the budget. `--jobs N` trains N variants
+at a time (each still one thread); variants that share a probe or a trained run wait for it.
 
 Not a pytest-benchmark file (its runs take minutes): `make bench` does not collect it.
 """
@@ -18,11 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,21 +34,23 @@ CONFIG = ROOT / "blip3o_fast" / "configs" / "demo.yaml"
 
 # the recipe before issue 19 (what `make demo` shipped): the baseline every change is measured against
 BASELINE = ["flow.target_norm=none", "flow.cond_norm=none", "train.lr=1e-2", "train.ema_decay=0.99",
-            "data.batch_size=32", "flow.timestep_sampling=logit_normal", "eval.sampler=euler", "eval.steps=20",
-            "flow.contrastive_weight=0"]
+            "data.batch_size=32", "flow.timestep_sampling=logit_normal", "flow.logit_mean=0", "eval.sampler=euler",
+            "eval.steps=20", "flow.contrastive_weight=0", "model.cond_add=false"]
 # each change alone on top of the baseline, then the shipped recipe (demo.yaml as it is, nothing overridden)
 VARIANTS = {
     "baseline": BASELINE,
-    "target_norm=channel": BASELINE + ["flow.target_norm=channel"],
+    "cond_add": BASELINE + ["model.cond_add=true"],
+    "logit_mean=-0.8": BASELINE + ["flow.logit_mean=-0.8"],
+    "timesteps=uniform": BASELINE + ["flow.timestep_sampling=uniform"],
     "target+cond norm=channel": BASELINE + ["flow.target_norm=channel", "flow.cond_norm=channel"],
     "lr=3e-3": BASELINE + ["train.lr=3e-3"],
     "ema_decay=0.995": BASELINE + ["train.ema_decay=0.995"],
     "batch_size=64": BASELINE + ["data.batch_size=64"],
-    "timesteps=uniform": BASELINE + ["flow.timestep_sampling=uniform"],
-    "sampler=heun, 10 steps": BASELINE + ["eval.sampler=heun", "eval.steps=10"],
-    "contrastive_weight=0.1": BASELINE + ["flow.contrastive_weight=0.1"],
-    "contrastive_weight=0.3": BASELINE + ["flow.contrastive_weight=0.3"],
     "wider (hidden 192, depth 3)": BASELINE + ["model.hidden_size=192", "model.depth=3", "model.num_heads=4"],
+    "contrastive_weight=0.1": BASELINE + ["flow.contrastive_weight=0.1"],
+    "sampler=euler, 4 steps": BASELINE + ["eval.steps=4"],
+    "sampler=heun, 10 steps": BASELINE + ["eval.sampler=heun", "eval.steps=10"],
+    "timestep_shift=3": BASELINE + ["eval.timestep_shift=3"],
     "recipe (demo.yaml)": [],
 }
 PROBE_STEPS = 30
@@ -59,14 +65,17 @@ def _env() -> dict:
 
 
 def _cli(*args: str) -> float:
-    """Runs one blip3o-fast command; returns its CPU seconds (user + system of the child)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = subprocess.run([sys.executable, "-m", "blip3o_fast.cli", *args], capture_output=True, text=True,
-                            env=_env(), cwd=ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"{args[0]} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    """Runs one blip3o-fast command; returns its CPU seconds (user + system of that child alone: wait4's rusage,
+    not RUSAGE_CHILDREN, which would count the other jobs' children too)."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([sys.executable, "-m", "blip3o_fast.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=_env(), cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"{args[0]} failed ({proc.returncode}):\n{log.read().decode(errors='replace')[-4000:]}")
+    return usage.ru_utime + usage.ru_stime
 
 
 def _train(data: Path, run: Path, steps: int, overrides: list[str]) -> float:
@@ -78,42 +87,63 @@ def _train(data: Path, run: Path, steps: int, overrides: list[str]) -> float:
 COST_KEYS = ("model.", "data.batch_size", "flow.contrastive_weight")  # what changes the CPU cost of a step
 _per_step: dict[tuple, float] = {}
 _trained: dict[tuple, tuple[Path, int, float, float]] = {}
+_locks: dict[tuple, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock(key: tuple) -> threading.Lock:
+    """One lock per probe or trained run: a second variant needing it waits instead of repeating the work."""
+    with _locks_guard:
+        return _locks.setdefault(key, threading.Lock())
 
 
 def _cost_per_step(overrides: list[str], data: Path, work: Path) -> float:
     """CPU seconds per training step of this model size and batch: two probe runs separate the start-up."""
     key = tuple(o for o in overrides if o.startswith(COST_KEYS))
-    if key not in _per_step:
-        slug = "probe-" + str(len(_per_step))
-        short = _train(data, work / f"{slug}-a", PROBE_STEPS // 3, overrides)
-        long = _train(data, work / f"{slug}-b", PROBE_STEPS, overrides)
-        _per_step[key] = max((long - short) / (PROBE_STEPS - PROBE_STEPS // 3), 1e-4)
+    with _lock(("probe",) + key):
+        if key not in _per_step:
+            _per_step[key] = _probe(key, overrides, data, work)
     return _per_step[key]
+
+
+def _probe(key: tuple, overrides: list[str], data: Path, work: Path) -> float:
+    slug = "probe-" + "".join(c if c.isalnum() else "_" for c in "-".join(key))[:80]
+    _train(data, work / f"{slug}-warm", 1, overrides)  # one-off costs first (a JIT build of a DeepSpeed op)
+    short = _train(data, work / f"{slug}-a", PROBE_STEPS // 3, overrides)
+    long = _train(data, work / f"{slug}-b", PROBE_STEPS, overrides)
+    if long <= short:
+        raise SystemExit(f"probe of {key}: {PROBE_STEPS} steps took {long:.1f} CPU-s, {PROBE_STEPS // 3} took "
+                         f"{short:.1f}: the start-up is not the same in both; rerun")
+    return (long - short) / (PROBE_STEPS - PROBE_STEPS // 3)
 
 
 def run_variant(name: str, overrides: list[str], data: Path, work: Path, budget: float) -> dict:
     steps = max(50, int(budget / _cost_per_step(overrides, data, work)))
     # variants that differ only in eval.* share one trained run (training is the same computation)
     train_key = tuple(o for o in overrides if not o.startswith("eval."))
-    if train_key not in _trained:
-        run = work / "".join(c if c.isalnum() else "_" for c in name)
-        wall = time.perf_counter()
-        cpu = _train(data, run, steps, list(train_key))
-        _trained[train_key] = (run, steps, cpu, time.perf_counter() - wall)
+    with _lock(("train",) + train_key):
+        if train_key not in _trained:
+            run = work / "".join(c if c.isalnum() else "_" for c in name)
+            wall = time.perf_counter()
+            cpu = _train(data, run, steps, list(train_key))
+            _trained[train_key] = (run, steps, cpu, time.perf_counter() - wall)
     run, steps, cpu, wall = _trained[train_key]
-    args = ["eval", "--run", str(run), "--max-samples", "0", "--seed", "0", "--out", str(work / "eval" / run.name)]
+    out = work / "eval" / "".join(c if c.isalnum() else "_" for c in name)  # one folder per variant
+    shutil.rmtree(out, ignore_errors=True)
+    args = ["eval", "--run", str(run), "--max-samples", "0", "--seed", "0", "--out", str(out)]
+    flags = {"eval.sampler=": "--sampler", "eval.steps=": "--steps", "eval.timestep_shift=": "--timestep-shift"}
     for o in overrides:
-        if o.startswith("eval.sampler="):
-            args += ["--sampler", o.split("=", 1)[1]]
-        elif o.startswith("eval.steps="):
-            args += ["--steps", o.split("=", 1)[1]]
+        for prefix, flag in flags.items():
+            if o.startswith(prefix):
+                args += [flag, o.split("=", 1)[1]]
     _cli(*args)
-    report = json.loads(max((work / "eval" / run.name).glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
+    report = json.loads(next(out.glob("*.json")).read_text())
     m = report["metrics"]
     return {"variant": name, "overrides": overrides, "steps": steps, "train_cpu_s": round(cpu, 1),
             "train_wall_s": round(wall, 1), "patch_cosine": m["patch_cosine"]["model"],
             "recall@1": m["recall@1"]["model"], "oracle_recall@1": m["recall@1"]["oracle"],
-            "sampler": f"{report['sampler']} {report['steps']}"}
+            "sampler": f"{report['sampler']} {report['steps']}"
+                       + (f", shift {report['timestep_shift']:g}" if report.get("timestep_shift", 1) != 1 else "")}
 
 
 def table(rows: list[dict], budget: float, command: str) -> str:
@@ -133,6 +163,7 @@ def main() -> int:
     p.add_argument("--work", default=str(ROOT / "build" / "bench_recipe"), help="scratch folder (data and runs)")
     p.add_argument("--only", nargs="*", default=None, help="variant names (or prefixes) to run")
     p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--jobs", type=int, default=1, help="variants trained at a time (each one thread)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -140,14 +171,16 @@ def main() -> int:
     if not (data / "manifest.json").is_file():
         _cli("data", "synth", "--out", str(data), "--quiet")
     names = [n for n in VARIANTS if args.only is None or any(n.startswith(o) for o in args.only)]
-    rows = []
-    for name in names:
+    def one(name: str) -> dict:
         row = run_variant(name, VARIANTS[name], data, work, args.budget)
-        rows.append(row)
         print(json.dumps(row), flush=True)
         with open(work / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-    command = "python bench/bench_recipe.py --budget " + f"{args.budget:g}" + (
+        return row
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # subprocesses do the work; rows keep the table's order
+        rows = list(pool.map(one, names))
+    command = "python bench/bench_recipe.py --budget " + f"{args.budget:g}" + f" --jobs {args.jobs}" + (
         " --only " + " ".join(f"'{o}'" for o in args.only) if args.only else "")
     text = table(rows, args.budget, command)
     print(text)
