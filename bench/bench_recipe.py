@@ -36,6 +36,7 @@ CONFIG = ROOT / "blip3o_fast" / "configs" / "demo.yaml"
 BASELINE = ["flow.target_norm=none", "flow.cond_norm=none", "train.lr=1e-2", "train.ema_decay=0.99",
             "data.batch_size=32", "flow.timestep_sampling=logit_normal", "flow.logit_mean=0", "eval.sampler=euler",
             "eval.steps=20", "flow.contrastive_weight=0", "model.cond_add=false"]
+INT8_DATA = "data.path=<int8>"  # the same samples, `data convert --storage int8` (docs/recipe.md "Storage")
 # each change alone on top of the baseline, then the shipped recipe (demo.yaml as it is, nothing overridden)
 VARIANTS = {
     "baseline": BASELINE,
@@ -51,6 +52,7 @@ VARIANTS = {
     "sampler=euler, 4 steps": BASELINE + ["eval.steps=4"],
     "sampler=heun, 10 steps": BASELINE + ["eval.sampler=heun", "eval.steps=10"],
     "timestep_shift=3": BASELINE + ["eval.timestep_shift=3"],
+    "storage=int8 (condition)": BASELINE + [INT8_DATA],
     "recipe (demo.yaml)": [],
 }
 PROBE_STEPS = 30
@@ -80,8 +82,19 @@ def _cli(*args: str) -> float:
 
 def _train(data: Path, run: Path, steps: int, overrides: list[str]) -> float:
     shutil.rmtree(run, ignore_errors=True)  # from scratch: an existing run folder would be resumed
+    overrides = [f"data.path={_int8(data)}" if o == INT8_DATA else o for o in overrides]
     return _cli("train", "--config", str(CONFIG), "--out", str(run), f"data.path={data}", f"train.steps={steps}",
                 f"train.ckpt_every={steps}", "train.eval_every=0", "data.num_workers=0", *overrides)
+
+
+def _int8(data: Path) -> Path:
+    """The demo data with an int8 condition: the same samples, requantised once (a later override wins)."""
+    out = data.parent / "data-int8"
+    with _lock(("int8",)):
+        if not (out / "manifest.json").is_file():
+            _cli("data", "convert", "--src", str(data), "--out", str(out), "--storage", "int8", "--overwrite",
+                 "--quiet")
+    return out
 
 
 COST_KEYS = ("model.", "data.batch_size", "flow.contrastive_weight")  # what changes the CPU cost of a step
