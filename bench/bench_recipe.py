@@ -35,7 +35,7 @@ CONFIG = ROOT / "blip3o_fast" / "configs" / "demo.yaml"
 # the recipe before issue 19 (what `make demo` shipped): the baseline every change is measured against
 BASELINE = ["flow.target_norm=none", "flow.cond_norm=none", "train.lr=1e-2", "train.ema_decay=0.99",
             "data.batch_size=32", "flow.timestep_sampling=logit_normal", "flow.logit_mean=0", "eval.sampler=euler",
-            "eval.steps=20", "flow.contrastive_weight=0", "model.cond_add=false"]
+            "eval.steps=20", "flow.contrastive_weight=0", "flow.cls_loss_weight=0", "model.cond_add=false"]
 INT8_DATA = "data.path=<int8>"  # the same samples, `data convert --storage int8` (docs/recipe.md "Storage")
 # each change alone on top of the baseline, then the shipped recipe (demo.yaml as it is, nothing overridden)
 VARIANTS = {
@@ -43,17 +43,19 @@ VARIANTS = {
     "cond_add": BASELINE + ["model.cond_add=true"],
     "logit_mean=-0.8": BASELINE + ["flow.logit_mean=-0.8"],
     "timesteps=uniform": BASELINE + ["flow.timestep_sampling=uniform"],
-    "target+cond norm=channel": BASELINE + ["flow.target_norm=channel", "flow.cond_norm=channel"],
+    "cls_loss_weight=0.3": BASELINE + ["flow.cls_loss_weight=0.3"],
+    "contrastive_weight=0.1": BASELINE + ["flow.contrastive_weight=0.1"],
     "lr=3e-3": BASELINE + ["train.lr=3e-3"],
     "ema_decay=0.995": BASELINE + ["train.ema_decay=0.995"],
     "batch_size=64": BASELINE + ["data.batch_size=64"],
     "wider (hidden 192, depth 3)": BASELINE + ["model.hidden_size=192", "model.depth=3", "model.num_heads=4"],
-    "contrastive_weight=0.1": BASELINE + ["flow.contrastive_weight=0.1"],
-    "sampler=euler, 4 steps": BASELINE + ["eval.steps=4"],
-    "sampler=heun, 10 steps": BASELINE + ["eval.sampler=heun", "eval.steps=10"],
-    "timestep_shift=3": BASELINE + ["eval.timestep_shift=3"],
     "storage=int8 (condition)": BASELINE + [INT8_DATA],
     "recipe (demo.yaml)": [],
+    # sampling the recipe's trained run (no training of their own)
+    "recipe, euler 4 steps": ["eval.steps=4"],
+    "recipe, euler 50 steps": ["eval.steps=50"],
+    "recipe, heun 10 steps": ["eval.sampler=heun", "eval.steps=10"],
+    "recipe, timestep_shift=3": ["eval.timestep_shift=3"],
 }
 PROBE_STEPS = 30
 
