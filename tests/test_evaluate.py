@@ -124,6 +124,7 @@ def test_a_sample_without_a_caption_is_a_one_line_error(tmp_path):
     from blip3o_fast.runtime import distributed
 
     cfg = load_config("demo", ["task.grid=[2, 2]", "task.cond_dim=8", "task.target_dim=4", "task.target_cls=false",
+                               "flow.cls_loss_weight=0",
                                "model.hidden_size=16", "model.depth=1", "model.num_heads=2", "model.fused_ops=false",
                                "data.num_workers=0", "eval.batch_size=4"])
     cond, target = StreamSpec("eva_clip", "c", 8, 4, False), StreamSpec("clip", "t", 4, 4, False)
