@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import deepspeed
+import deepspeed.ops
 import torch
 import torch.distributed as dist
 
@@ -38,6 +39,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+SHM_ALLREDUCE_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory allreduce (op_builder/cpu/comm.py)
 COMPUTE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -49,6 +51,8 @@ class ModelEngine:
         config = deepspeed_config(cfg, precision, world)
         if load_universal:  # an elastic resume of a ZeRO 1-3 checkpoint (runtime/checkpoint.py)
             config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+        if world == 1:  # no peer to share memory with: skip the JIT build (~30 s cold) of DeepSpeed's shm allreduce
+            deepspeed.ops.__compatible_ops__[SHM_ALLREDUCE_OP] = False
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         # our optimizer came back unwrapped: DeepSpeed will not check its gradients, we must
         self._local_check = isinstance(self.engine.optimizer, SkippableAdamW)
