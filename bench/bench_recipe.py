@@ -35,7 +35,8 @@ CONFIG = ROOT / "blip3o_fast" / "configs" / "demo.yaml"
 # the recipe before issue 19 (what `make demo` shipped): the baseline every change is measured against
 BASELINE = ["flow.target_norm=none", "flow.cond_norm=none", "train.lr=1e-2", "train.ema_decay=0.99",
             "data.batch_size=32", "flow.timestep_sampling=logit_normal", "flow.logit_mean=0", "eval.sampler=euler",
-            "eval.steps=20", "flow.contrastive_weight=0", "flow.cls_loss_weight=0", "model.cond_add=false"]
+            "eval.steps=20", "eval.timestep_shift=1", "flow.contrastive_weight=0", "flow.cls_loss_weight=0",
+            "model.cond_add=false"]
 INT8_DATA = "data.path=<int8>"  # the same samples, `data convert --storage int8` (docs/recipe.md "Storage")
 # each change alone on top of the baseline, then the shipped recipe (demo.yaml as it is, nothing overridden)
 VARIANTS = {
@@ -51,11 +52,13 @@ VARIANTS = {
     "wider (hidden 192, depth 3)": BASELINE + ["model.hidden_size=192", "model.depth=3", "model.num_heads=4"],
     "storage=int8 (condition)": BASELINE + [INT8_DATA],
     "recipe (demo.yaml)": [],
-    # sampling the recipe's trained run (no training of their own)
-    "recipe, euler 4 steps": ["eval.steps=4"],
-    "recipe, euler 50 steps": ["eval.steps=50"],
-    "recipe, heun 10 steps": ["eval.sampler=heun", "eval.steps=10"],
-    "recipe, timestep_shift=3": ["eval.timestep_shift=3"],
+    # sampling the recipe's trained run (no training of their own); demo.yaml samples Euler 4 steps with shift 3
+    "recipe, euler 4 steps, no shift": ["eval.timestep_shift=1"],
+    "recipe, euler 1 step": ["eval.steps=1"],
+    "recipe, euler 2 steps, no shift": ["eval.steps=2", "eval.timestep_shift=1"],
+    "recipe, euler 20 steps, no shift": ["eval.steps=20", "eval.timestep_shift=1"],
+    "recipe, euler 50 steps, no shift": ["eval.steps=50", "eval.timestep_shift=1"],
+    "recipe, heun 10 steps, no shift": ["eval.sampler=heun", "eval.steps=10", "eval.timestep_shift=1"],
 }
 PROBE_STEPS = 30
 

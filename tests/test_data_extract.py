@@ -288,7 +288,7 @@ def test_readme_journey_from_image_tars_to_an_evaluated_model(models, tmp_path):
     assert [e["step"] for e in evals] == [2, 4] and "recall@1" in evals[0]
     out = cli("eval", "--run", str(run), "--steps", "2", "--batch-size", "2", "--timestep-shift", "3",
               "model.fused_ops=false")
-    report = json.loads((run / "eval" / "step-0000004-euler2.json").read_text())
+    report = json.loads((run / "eval" / "step-0000004-euler2-s3.json").read_text())
     assert (report["samples"], report["batch_size"], report["timestep_shift"]) == (eval_n, 2, 3.0)
     assert report["fused_ops"] is False and "recall@5" in report["metrics"] and "recall@1" in out
 

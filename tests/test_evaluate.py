@@ -12,7 +12,14 @@ import pytest
 import torch
 from test_train import ROOT, env, run_train, small_data  # noqa: F401  (the session dataset fixture)
 
-from blip3o_fast.evaluation.evaluate import _report, chance_recall, format_report, recall_at_k
+from blip3o_fast.evaluation.evaluate import (
+    _report,
+    chance_recall,
+    format_report,
+    recall_at_k,
+    report_name,
+    sampling_label,
+)
 
 
 def brute_force_recall(scores, owner, k):
@@ -83,6 +90,17 @@ def test_report_baselines_on_known_inputs():
     assert m["recall@1"]["dataset_mean"] <= 0.5  # one shared query: at most the top pair of captions' owner
     assert m["recall@1"]["chance"] == pytest.approx(chance_recall(torch.full((n,), 2), 8, ks=(1,))[1])
     assert "recall@10" in format_report(report)
+    assert "euler 1 steps, guidance" in format_report(report)  # no shift: none named
+
+
+def test_report_names_and_header_carry_every_sampling_setting():
+    """A sweep over shifts or guidance must not overwrite one report with another, nor print them alike."""
+    base = dict(sampler="euler", steps=4, guidance_scale=1.0, timestep_shift=1.0)
+    assert report_name("step-0001600", base) == "step-0001600-euler4"
+    assert report_name("step-0001600", {**base, "timestep_shift": 3.0}) == "step-0001600-euler4-s3"
+    assert report_name("model", {**base, "timestep_shift": 2.5, "guidance_scale": 2.0}) == "model-euler4-s2.5-g2.0"
+    assert sampling_label({**base, "timestep_shift": 3.0}) == "euler 4 steps, shift 3"
+    assert sampling_label(base) == "euler 4 steps"
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ def run_model(args) -> int:
     """`eval --model DIR`: an exported model (or any folder FeatureGenerator loads), on --data."""
     from ..data import check_compatible, open_dataset
     from ..errors import UserError
-    from ..evaluation import evaluate, format_report, save_report
+    from ..evaluation import evaluate, format_report, report_name, save_report
     from ..inference import FeatureGenerator
     from ..runtime import distributed
 
@@ -44,9 +44,7 @@ def run_model(args) -> int:
                       norm=gen.norm)
     report["model"] = str(args.model)
     if dist_info.is_main:
-        name = f"model-{report['sampler']}{report['steps']}"
-        if report["guidance_scale"] != 1.0:
-            name += f"-g{report['guidance_scale']}"
+        name = report_name("model", report)
         json_path, _ = save_report(report, Path(args.out) if args.out else Path(args.model) / "eval", name)
         print(format_report(report))
         print(f"report: {json_path}")
@@ -65,7 +63,7 @@ def run(args) -> int:
     from ..config import load_config
     from ..data import check_compatible, open_dataset
     from ..errors import UserError
-    from ..evaluation import build_eval_model, evaluate, format_report, save_report
+    from ..evaluation import build_eval_model, evaluate, format_report, report_name, save_report
     from ..runtime import distributed
     from ..runtime.checkpoint import MARKER, Checkpointer, load_ema_weights
 
@@ -100,9 +98,7 @@ def run(args) -> int:
                       norm=_training_norm(cfg, config_file) if args.data else None)
     report["checkpoint"] = str(checkpoint)
     if dist_info.is_main:
-        name = f"{checkpoint.name}-{report['sampler']}{report['steps']}"
-        if report["guidance_scale"] != 1.0:
-            name += f"-g{report['guidance_scale']}"
+        name = report_name(checkpoint.name, report)
         json_path, _ = save_report(report, Path(args.out) if args.out else run_dir / "eval", name)
         print(format_report(report))
         print(f"report: {json_path}")

@@ -243,8 +243,24 @@ def _report(c: dict, has_text: bool, has_cls: bool, mode: str, has_head: bool, s
             **settings, "metrics": metrics}
 
 
+def sampling_label(report: dict) -> str:
+    """`euler 4 steps`, with `, shift 3` when the report's time grid was shifted."""
+    shift = report.get("timestep_shift", 1.0)
+    return f"{report.get('sampler')} {report.get('steps')} steps" + (f", shift {shift:g}" if shift != 1.0 else "")
+
+
+def report_name(prefix: str, report: dict) -> str:
+    """A report's file name: every sampling setting that changes the numbers is in it (a sweep keeps each one)."""
+    name = f"{prefix}-{report['sampler']}{report['steps']}"
+    if report.get("timestep_shift", 1.0) != 1.0:
+        name += f"-s{report['timestep_shift']:g}"
+    if report["guidance_scale"] != 1.0:
+        name += f"-g{report['guidance_scale']}"
+    return name
+
+
 def format_report(report: dict) -> str:
-    header = (f"{report['samples']} samples of split '{report['split']}', {report['sampler']} {report['steps']} steps, "
+    header = (f"{report['samples']} samples of split '{report['split']}', {sampling_label(report)}, "
               f"guidance {report['guidance_scale']}, global embedding: {report['global_embedding']}")
     lines = [header, f"{'metric':16s}" + "".join(f"{b:>14s}" for b in BASELINES)]
     for name, row in report["metrics"].items():

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from ..config.schema import plain
 from ..data import save_head, save_stats
 from ..errors import UserError
+from ..evaluation.evaluate import sampling_label
 from ..runtime.files import atomic_write_text, commit, partial_path
 
 MODEL_FILE, CONFIG_FILE, CARD_FILE, EVAL_FILE, LOSS_FILE = (
@@ -91,8 +92,8 @@ def model_card(config: dict, report: dict | None, has_loss: bool) -> str:
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "## Evaluation", ""]
     if report is not None:
-        lines += [f"{report.get('samples')} held-out samples, {report.get('sampler')} sampler, {report.get('steps')} "
-                  f"steps, guidance {report.get('guidance_scale')}; global embedding: "
+        lines += [f"{report.get('samples')} held-out samples, {sampling_label(report)}, "
+                  f"guidance {report.get('guidance_scale')}; global embedding: "
                   f"{report.get('global_embedding')}. Full report: `eval.json`.", "", _eval_table(report)]
     else:
         lines.append("No evaluation was recorded for this model (`blip3o-fast eval --model DIR --data DATASET`).")
