@@ -115,8 +115,9 @@ def test_eval_command_end_to_end(small_data, tmp_path):  # noqa: F811
                              "--sampler", "heun", "--max-samples", "24"], capture_output=True, text=True, env=env(),
                             cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((run / "eval" / "step-0000004-heun3.json").read_text())
+    report = json.loads((run / "eval" / "step-0000004-heun3-s3.json").read_text())
     assert report["samples"] == 24 and report["sampler"] == "heun" and report["steps"] == 3
+    assert report["timestep_shift"] == 3.0  # the run config's (demo.yaml), named in the file
     for metric in ("patch_cosine", "global_cosine", "cls_cosine", "recall@1", "recall@5", "recall@10"):
         row = report["metrics"][metric]
         assert set(row) == {"model", "oracle", "dataset_mean", "chance"}

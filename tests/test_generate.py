@@ -120,7 +120,7 @@ def test_generate_cli_matches_the_api_and_the_dataset_tools_read_it(gen, exporte
     # the project's tools read it: inspect (with checksums), eval, and webdataset's own reader
     assert cli("data", "inspect", str(out), "--quiet").returncode == 0
     cli("eval", "--model", str(exported), "--data", str(out), "--steps", "3", "--max-samples", "16")
-    assert (exported / "eval" / "model-euler3.json").is_file()
+    assert (exported / "eval" / "model-euler3-s3.json").is_file()  # demo.yaml's eval.timestep_shift 3
     urls = [str(out / s["file"]) for s in manifest["splits"]["eval"]["shards"]]
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert [s["__key__"] for s in samples] == src["key"]
